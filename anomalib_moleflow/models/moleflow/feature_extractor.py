@@ -1,0 +1,93 @@
+"""Patch features: frozen backbone, PatchCore-style local aggregation, 2D position embedding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_moleflow.backbones import create_feature_extractor, feature_channels
+
+from .config import MoLEFlowConfig
+
+
+def sinusoidal_position_embedding_2d(height: int, width: int, channels: int) -> torch.Tensor:
+    """Fixed 2D sine/cosine embedding ``(H, W, C)``: half the channels encode rows, half columns."""
+    quarter = max(1, channels // 4)
+    freq = torch.exp(torch.arange(quarter, dtype=torch.float32) * (-math.log(10000.0) / quarter))
+    ys = torch.arange(height, dtype=torch.float32)[:, None] * freq[None]
+    xs = torch.arange(width, dtype=torch.float32)[:, None] * freq[None]
+    row = torch.cat([ys.sin(), ys.cos()], dim=1)[:, None, :].expand(height, width, -1)
+    col = torch.cat([xs.sin(), xs.cos()], dim=1)[None, :, :].expand(height, width, -1)
+    emb = torch.cat([row, col], dim=-1)
+    if emb.shape[-1] < channels:
+        emb = F.pad(emb, (0, channels - emb.shape[-1]))
+    return emb[..., :channels].contiguous()
+
+
+class PatchFeatureExtractor(nn.Module):
+    """Images ``(B, 3, S, S)`` to patch features ``(B, H, W, C)`` on the finest chosen stage's grid.
+
+    The backbone is frozen and always stays in eval mode.
+    """
+
+    def __init__(self, config: MoLEFlowConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = create_feature_extractor(
+            config.backbone,
+            out_indices=config.layers,
+            pretrained=config.pre_trained,
+            img_size=config.image_size,
+        )
+        for param in self.backbone.parameters():
+            param.requires_grad_(False)
+        self.backbone.eval()
+        self.layer_channels = feature_channels(self.backbone)
+        with torch.no_grad():
+            maps = self.backbone(torch.zeros(1, 3, config.image_size, config.image_size))
+        self.grid_size: tuple[int, int] = tuple(maps[0].shape[-2:])  # type: ignore[assignment]
+        if config.feature_dim is None:
+            self.out_channels = sum(self.layer_channels)
+        else:
+            self.out_channels = config.feature_dim
+        if self.out_channels % 2:
+            self.out_channels += 1  # the coupling flow needs an even width: pad one zero channel
+        pos = sinusoidal_position_embedding_2d(*self.grid_size, self.out_channels)
+        self.register_buffer("position_embedding", pos[None], persistent=False)
+
+    def train(self, mode: bool = True) -> PatchFeatureExtractor:
+        """Keep the frozen backbone in eval mode whatever the parent does."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Return ``(B, H, W, C)`` patch features (position embedding added if enabled)."""
+        maps = self.backbone(images)
+        k = self.config.feature_aggregation_kernel
+        out = []
+        for fmap in maps:
+            if k > 1:
+                fmap = F.avg_pool2d(fmap, k, stride=1, padding=k // 2, count_include_pad=False)
+            if fmap.shape[-2:] != self.grid_size:
+                fmap = F.interpolate(fmap, size=self.grid_size, mode="bilinear", align_corners=False)
+            if self.config.feature_dim is not None:
+                # PatchCore-style channel pooling to a common width, then layers are averaged.
+                b, c, h, w = fmap.shape
+                fmap = F.adaptive_avg_pool1d(fmap.permute(0, 2, 3, 1).reshape(-1, 1, c), self.config.feature_dim)
+                fmap = fmap.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+            out.append(fmap)
+        if self.config.feature_dim is None:
+            features = torch.cat(out, dim=1)
+        else:
+            features = torch.stack(out).mean(0)
+        features = features.permute(0, 2, 3, 1)
+        if features.shape[-1] < self.out_channels:
+            features = F.pad(features, (0, self.out_channels - features.shape[-1]))
+        if self.config.use_position_embedding:
+            features = features + self.position_embedding.to(features.dtype)
+        return features.contiguous()

@@ -1,0 +1,114 @@
+"""Coupling subnet of the base flow: LoRA linears plus a spatial context branch.
+
+The affine coupling block hands the subnet the passive half ``x1`` of every patch as a
+flat ``(B*H*W, C1)`` tensor. The subnet returns ``[s, t]``: the scale branch sees
+``[x1, ctx]`` where ``ctx`` is a depthwise convolution of ``x1`` over the patch grid
+(scaled by a bounded global alpha, or by a per-patch gate in "Baseline 2.0"); the
+translation branch sees ``x1``. All four linears are :class:`LoRALinear`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from .config import MoLEFlowConfig
+from .lora import LoRALinear
+
+
+def _inverse_sigmoid(p: float) -> float:
+    p = min(max(p, 0.01), 0.99)
+    return float(torch.log(torch.tensor(p / (1 - p))))
+
+
+class MoLEContextSubnet(nn.Module):
+    """Subnet ``x1 -> [s, t]`` with per-task LoRA experts and a shared context conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, config: MoLEFlowConfig) -> None:
+        super().__init__()
+        if out_channels % 2:
+            msg = f"coupling subnet needs an even output width, got {out_channels}"
+            raise ValueError(msg)
+        self.half = out_channels // 2
+        hidden = max(8, int(round(config.subnet_hidden_ratio * in_channels)))
+
+        def linear(i: int, o: int) -> LoRALinear:
+            return LoRALinear(
+                i,
+                o,
+                rank=config.lora_rank,
+                alpha=config.lora_alpha,
+                scaling_rule=config.lora_scaling,
+                use_lora=config.use_lora,
+                use_task_bias=config.use_task_bias,
+            )
+
+        self.use_context = config.use_context
+        self.grid_size: tuple[int, int] | None = None
+        s_in = in_channels * 2 if self.use_context else in_channels
+        self.s_hidden = linear(s_in, hidden)
+        self.s_out = linear(hidden, self.half)
+        self.t_hidden = linear(in_channels, hidden)
+        self.t_out = linear(hidden, self.half)
+
+        self.context_conv: nn.Conv2d | None = None
+        self.context_scale_param: nn.Parameter | None = None
+        self.context_gate_net: nn.Sequential | None = None
+        self.context_max_alpha = config.context_max_alpha
+        if self.use_context:
+            k = config.context_kernel
+            self.context_conv = nn.Conv2d(in_channels, in_channels, k, padding=k // 2, groups=in_channels)
+            if config.use_context_gate:
+                self.context_gate_net = nn.Sequential(
+                    nn.Linear(in_channels * 2, config.context_gate_hidden),
+                    nn.ReLU(),
+                    nn.Linear(config.context_gate_hidden, 1),
+                )
+                for layer in (self.context_gate_net[0], self.context_gate_net[2]):
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+            else:
+                init = _inverse_sigmoid(config.context_init_scale / config.context_max_alpha)
+                self.context_scale_param = nn.Parameter(torch.tensor([init]))
+
+    def lora_layers(self) -> list[LoRALinear]:
+        """The four expert-carrying linears."""
+        return [self.s_hidden, self.s_out, self.t_hidden, self.t_out]
+
+    def context_parameters(self) -> list[nn.Parameter]:
+        """Shared context parameters (conv, alpha or gate): trained on task 0 only in V4.1."""
+        params: list[nn.Parameter] = []
+        for module in (self.context_conv, self.context_gate_net):
+            if module is not None:
+                params += list(module.parameters())
+        if self.context_scale_param is not None:
+            params.append(self.context_scale_param)
+        return params
+
+    def context_alpha(self) -> float | None:
+        """Current global context alpha (``None`` in gate mode or without context)."""
+        if self.context_scale_param is None:
+            return None
+        return float(self.context_max_alpha * torch.sigmoid(self.context_scale_param.detach()))
+
+    def _context(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid_size is None:
+            msg = "MoLEContextSubnet.grid_size must be set before the context branch runs"
+            raise RuntimeError(msg)
+        height, width = self.grid_size
+        channels = x.shape[1]
+        spatial = x.reshape(-1, height, width, channels).permute(0, 3, 1, 2)
+        ctx = self.context_conv(spatial).permute(0, 2, 3, 1).reshape(-1, channels)
+        if self.context_gate_net is not None:
+            gate = torch.sigmoid(self.context_gate_net(torch.cat([x, ctx], dim=-1)))
+            return gate * ctx
+        alpha = self.context_max_alpha * torch.sigmoid(self.context_scale_param)
+        return alpha * ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``[s, t]`` of shape ``(N, 2 * half)``."""
+        s_input = torch.cat([x, self._context(x)], dim=-1) if self.use_context else x
+        s = self.s_out(F.relu(self.s_hidden(s_input)))
+        t = self.t_out(F.relu(self.t_hidden(x)))
+        return torch.cat([s, t], dim=-1)

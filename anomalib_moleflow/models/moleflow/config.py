@@ -100,6 +100,15 @@ class MoLEFlowConfig:
     focal_gamma: float = 0.0
     """v7 focal NLL (failed experiment)."""
 
+    # --- routing (task id unknown at test time) ----------------------------------------
+    router: Literal["prototype", "hybrid", "none"] = "prototype"
+    """``prototype``: Mahalanobis-nearest task mean of pooled features (public code);
+    ``hybrid``: notes V3-5 two-stage (prototype top-k, then flow likelihood)."""
+    router_top_k: int = 2
+    unknown_threshold: float | None = None
+    """Flag "unknown product" when the nearest prototype is farther than this multiple of
+    the task's calibrated (99th-percentile) training distance; ``None`` = off."""
+
     # --- scoring ----------------------------------------------------------------------
     score_top_k: int = 3
     anomaly_map_sigma: float = 4.0
@@ -153,6 +162,9 @@ class MoLEFlowConfig:
             raise ValueError(msg)
         if self.input_adapter not in ("whitening", "film", "none"):
             msg = f"MoLEFlowConfig.input_adapter must be 'whitening', 'film' or 'none', got {self.input_adapter!r}"
+            raise ValueError(msg)
+        if self.router not in ("prototype", "hybrid", "none"):
+            msg = f"MoLEFlowConfig.router must be 'prototype', 'hybrid' or 'none', got {self.router!r}"
             raise ValueError(msg)
         if self.lora_scaling not in ("alpha/rank", "alpha/(2*rank)"):
             msg = f"MoLEFlowConfig.lora_scaling must be 'alpha/rank' or 'alpha/(2*rank)', got {self.lora_scaling!r}"

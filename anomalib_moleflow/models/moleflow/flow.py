@@ -3,13 +3,18 @@
 Patches are the flow's batch: the input ``(B, H, W, C)`` is flattened to ``(B*H*W, C)``
 so the log-Jacobian determinant comes out per patch. The subnets read the grid size to
 run their spatial context branch.
+
+The blocks are anomalib's copy of FrEIA's ``AllInOneBlock`` (same maths and state-dict
+keys): FrEIA's own keeps lambdas as attributes, so a model holding it cannot be pickled
+and ``anomalib export --export_type torch`` fails; anomalib's copy also draws its
+permutation from torch's RNG rather than numpy's.
 """
 
 from __future__ import annotations
 
 import torch
+from anomalib.models.components.flow import AllInOneBlock
 from FrEIA.framework import SequenceINN
-from FrEIA.modules import AllInOneBlock
 from torch import nn
 
 from .config import MoLEFlowConfig

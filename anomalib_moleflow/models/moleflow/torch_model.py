@@ -12,11 +12,16 @@ expert survives a checkpoint. In eval mode ``forward`` returns an ``InferenceBat
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator
+from anomalib_moleflow.continual.routers import PrototypeRouter, TwoStageHybridRouter, pool_features
+
 from .config import MoLEFlowConfig
 from .context_modules import LightweightMSContext, SpatialMixer
 from .dia import DeepInvertibleAdapter
@@ -24,6 +29,7 @@ from .feature_extractor import PatchFeatureExtractor
 from .flow import BaseFlow
 from .input_adapters import build_input_adapter
 from .loss import patch_nll
+from .normalization import TaskScoreNormalizer
 
 
 class MoLEFlowModel(nn.Module):
@@ -49,6 +55,14 @@ class MoLEFlowModel(nn.Module):
         self.dia = nn.ModuleDict()
         self.task_keys: list[str] = []
         self.active_task: str | None = None
+        self.router = _build_router(cfg)
+        self.normalizer = TaskScoreNormalizer()
+        self.use_routing = True
+        """Route each image to an expert when at least two routable experts exist."""
+        self.normalize_scores = False
+        """Output per-task normalised scores (set once per-task statistics are fitted)."""
+        self.last_route: torch.Tensor | None = None
+        """Expert index chosen for each image of the last routed batch (-1: unknown product)."""
         self.anomaly_map_generator = AnomalyMapGenerator(
             (cfg.image_size, cfg.image_size),
             sigma=cfg.anomaly_map_sigma,
@@ -72,6 +86,9 @@ class MoLEFlowModel(nn.Module):
         self.flow.add_adapter(key, lora=cfg.use_lora and (index > 0 or cfg.lora_on_task0))
         if cfg.use_dia:
             self.dia[key] = DeepInvertibleAdapter(self.channels, cfg.dia_n_blocks, cfg.dia_hidden_ratio, cfg.dia_clamp)
+        self.normalizer.ensure_task(key)
+        if self.router is not None:
+            self.router.ensure_tasks([*self.task_keys, key], channels=self.channels)
         device = next(self.flow.parameters()).device
         self.to(device)
         self.task_keys.append(key)
@@ -165,16 +182,88 @@ class MoLEFlowModel(nn.Module):
         return patch_nll(z, log_jac_det)
 
     def score_features(self, features: torch.Tensor, key: str | None = None) -> InferenceBatch:
-        """Image scores and anomaly maps from precomputed features."""
+        """Raw image scores and anomaly maps of expert ``key`` from precomputed features."""
         scores = self.patch_scores(features, key)
         return InferenceBatch(
             pred_score=self.anomaly_map_generator.image_score(scores),
             anomaly_map=self.anomaly_map_generator(scores),
         )
 
+    # ----------------------------------------------------------------- routing
+    @property
+    def routing_active(self) -> bool:
+        """Whether eval-mode ``forward`` routes images among experts."""
+        return self.use_routing and self.router is not None and getattr(self.router, "prototype", self.router).n_fitted >= 2
+
+    def route(self, features: torch.Tensor) -> torch.Tensor:
+        """Expert index per image ``(B,)`` in ``task_keys`` order; ``-1`` = unknown product."""
+        if self.router is None:
+            msg = "routing is off (config.router='none')"
+            raise RuntimeError(msg)
+        active = self.active_task
+        pooled = pool_features(features)
+        if isinstance(self.router, TwoStageHybridRouter):
+            route = self.router(pooled, features, self.patch_scores)
+        else:
+            route = self.router(pooled)
+        if active is not None:
+            self.set_task(active)
+        return route
+
+    @contextmanager
+    def oracle(self, key: str | int) -> Iterator[None]:
+        """Score with expert ``key`` (true task id) instead of routing, inside the block."""
+        previous, before = self.use_routing, self.active_task
+        self.use_routing = False
+        self.set_task(key)
+        try:
+            yield
+        finally:
+            self.use_routing = previous
+            if before is not None:
+                self.set_task(before)
+
+    def _scored(self, features: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.score_features(features, key)
+        if self.normalize_scores and self.normalizer.fitted(key):
+            return self.normalizer.normalize(key, batch.pred_score, batch.anomaly_map)
+        return batch.pred_score, batch.anomaly_map
+
+    def predict_features(self, features: torch.Tensor) -> InferenceBatch:
+        """Eval output from features: routed among experts, or the active expert."""
+        if not self.routing_active:
+            pred_score, anomaly_map = self._scored(features, self.active_task)
+            return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        active = self.active_task
+        route = self.route(features)
+        self.last_route = route
+        # An image of no known product is flagged as fully anomalous rather than scored.
+        unknown = 1.0 if self.normalize_scores else float("inf")
+        size = self.anomaly_map_generator.input_size
+        pred_score = features.new_full((features.shape[0],), unknown)
+        anomaly_map = features.new_full((features.shape[0], 1, *size), unknown)
+        for index in route.unique().tolist():
+            if index < 0:
+                continue
+            rows = (route == index).nonzero(as_tuple=True)[0]
+            pred_score[rows], anomaly_map[rows] = self._scored(features[rows], self.task_keys[index])
+        if active is not None:
+            self.set_task(active)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | InferenceBatch:
-        """Train: ``(z, log_jac_det)``; eval: ``InferenceBatch`` with score and map."""
+        """Train: ``(z, log_jac_det)`` of the active expert; eval: ``InferenceBatch``
+        (routed among experts once two or more have fitted routers)."""
         features = self.extract_features(images)
         if self.training:
             return self.flow_forward(features)
-        return self.score_features(features)
+        return self.predict_features(features)
+
+
+def _build_router(config: MoLEFlowConfig) -> PrototypeRouter | TwoStageHybridRouter | None:
+    if config.router == "none":
+        return None
+    prototype = PrototypeRouter(unknown_threshold=config.unknown_threshold)
+    if config.router == "hybrid":
+        return TwoStageHybridRouter(prototype, top_k=config.router_top_k)
+    return prototype

@@ -1,0 +1,62 @@
+"""``anomalib-moleflow`` command line (jsonargparse, anomalib-style configs).
+
+    anomalib-moleflow continual --config configs/continual/mvtec_real.yaml [--data.root DIR] [--resume true]
+    python -m anomalib_moleflow continual ...   # the same
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from anomalib_moleflow.continual.runner import ContinualRunner, RunOptions, TrainerOptions
+from anomalib_moleflow.continual.task_stream import TaskStream
+from anomalib_moleflow.models.moleflow.config import MoLEFlowConfig
+
+
+def continual_parser() -> ArgumentParser:
+    """Parser of the ``continual`` subcommand."""
+    parser = ArgumentParser(description="Train MoLE-Flow over a stream of tasks and evaluate after each.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (see configs/continual/)")
+    parser.add_dataclass_arguments(MoLEFlowConfig, "model.config", default=MoLEFlowConfig())
+    parser.add_class_arguments(TaskStream, "data")
+    parser.add_dataclass_arguments(TrainerOptions, "trainer", default=TrainerOptions())
+    parser.add_dataclass_arguments(RunOptions, "run", default=RunOptions(), skip={"extra_callbacks"})
+    parser.add_argument("--resume", type=bool, default=False, help="continue after the last finished task")
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    """Top-level parser with its subcommands."""
+    parser = ArgumentParser(prog="anomalib-moleflow", description="MoLE-Flow for anomalib.")
+    subcommands = parser.add_subcommands(required=True)
+    subcommands.add_subcommand("continual", continual_parser(), help="continual training and evaluation")
+    return parser
+
+
+def run_continual(cfg: object) -> int:
+    """Build the runner from a parsed ``continual`` namespace and run it."""
+    init = continual_parser().instantiate_classes(cfg)
+    model_config = init.model.config
+    stream = init.data
+    trainer_opts = init.trainer
+    run_opts = init.run
+    runner = ContinualRunner(model_config, stream, trainer=trainer_opts, run=run_opts)
+    results = runner.run(resume=cfg.resume)
+    summary = results.to_dict()
+    print(json.dumps({"tasks": summary["tasks"], "mean": summary["mean"], "forgetting": summary["forgetting"]}, indent=2))
+    print(f"results written to {runner.output_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``anomalib-moleflow`` and ``python -m anomalib_moleflow``."""
+    parser = build_parser()
+    cfg = parser.parse_args(list(argv) if argv is not None else sys.argv[1:])
+    if cfg.subcommand == "continual":
+        return run_continual(cfg.continual)
+    parser.error(f"unknown subcommand {cfg.subcommand!r}")
+    return 2

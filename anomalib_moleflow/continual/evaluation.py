@@ -1,0 +1,159 @@
+"""Evaluate a continual MoLE-Flow model on one task: routed (no task id) and oracle.
+
+Backbone features of each test batch are computed once and scored twice: through the
+router, and through the true task's expert. Metrics are image AUROC, pixel AUROC and
+pixel AP on that task's test set, plus routing accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from anomalib.data import AnomalibDataModule
+from torch.nn import functional as F  # noqa: N812
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+from anomalib_moleflow.models.moleflow import MoLEFlow
+
+
+@dataclass
+class TaskScores:
+    """Raw outputs collected over one task's test set."""
+
+    image_scores: list[torch.Tensor] = field(default_factory=list)
+    maps: list[torch.Tensor] = field(default_factory=list)
+
+    def cat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenated image scores ``(N,)`` and maps ``(N, H, W)``."""
+        return torch.cat(self.image_scores), torch.cat(self.maps)
+
+
+def _metrics(scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if labels.unique().numel() == 2:
+        out["image_AUROC"] = float(binary_auroc(scores, labels))
+    if masks is not None and masks.any() and not masks.all():
+        flat_maps, flat_masks = maps.flatten(), masks.flatten().long()
+        out["pixel_AUROC"] = float(binary_auroc(flat_maps, flat_masks))
+        out["pixel_AP"] = float(binary_average_precision(flat_maps, flat_masks))
+    return out
+
+
+def _test_loader(datamodule: AnomalibDataModule):  # noqa: ANN202 - a torch DataLoader
+    datamodule.setup("test")
+    return datamodule.test_dataloader()
+
+
+@torch.no_grad()
+def evaluate_task(model: MoLEFlow, datamodule: AnomalibDataModule, task_index: int) -> dict[str, object]:
+    """Routed and oracle metrics of ``model`` on task ``task_index``'s test set.
+
+    Returns a dict with ``routed`` and ``oracle`` metric dicts, ``routing_accuracy``,
+    ``n_images`` and ``model_seconds`` (time spent in the model, routed pass).
+    """
+    torch_model = model.model
+    key = torch_model.task_keys[task_index]
+    was_training = model.training
+    model.eval()
+    routed, oracle = TaskScores(), TaskScores()
+    labels, masks, correct, total, seconds = [], [], 0, 0, 0.0
+    for batch in _test_loader(datamodule):
+        images = batch.image
+        gt_mask = batch.gt_mask
+        if model.pre_processor is not None:
+            images, gt_mask = model.pre_processor.transform(images, gt_mask)
+        start = time.perf_counter()
+        features = torch_model.extract_features(images)
+        pred = torch_model.predict_features(features)
+        seconds += time.perf_counter() - start
+        route = torch_model.last_route if torch_model.routing_active else None
+        with torch_model.oracle(key):
+            ora = torch_model.predict_features(features)
+        routed.image_scores.append(pred.pred_score.cpu())
+        routed.maps.append(pred.anomaly_map[:, 0].cpu())
+        oracle.image_scores.append(ora.pred_score.cpu())
+        oracle.maps.append(ora.anomaly_map[:, 0].cpu())
+        labels.append(batch.gt_label.cpu().long())
+        if gt_mask is not None:
+            mask = gt_mask.float()
+            if mask.ndim == 4:
+                mask = mask[:, 0]
+            if mask.shape[-2:] != pred.anomaly_map.shape[-2:]:
+                mask = F.interpolate(mask[:, None], size=pred.anomaly_map.shape[-2:], mode="nearest")[:, 0]
+            masks.append(mask.cpu() > 0.5)
+        total += len(images)
+        correct += len(images) if route is None else int((route.cpu() == task_index).sum())
+    model.train(was_training)
+    label_t = torch.cat(labels)
+    mask_t = torch.cat(masks) if masks else None
+    return {
+        "routed": _metrics(*routed.cat(), label_t, mask_t),
+        "oracle": _metrics(*oracle.cat(), label_t, mask_t),
+        "routing_accuracy": correct / max(1, total),
+        "n_images": total,
+        "model_seconds": seconds,
+    }
+
+
+@torch.no_grad()
+def fit_task_normalization(model: MoLEFlow, datamodule: AnomalibDataModule, task_index: int) -> dict[str, float]:
+    """Set task ``task_index``'s min/max/F1-optimal thresholds from its validation set.
+
+    Uses the true task id (these are the task's own statistics). Returns the values set.
+    """
+    from anomalib.metrics.threshold.f1_adaptive_threshold import _F1AdaptiveThreshold as F1AdaptiveThreshold  # noqa: N814
+
+    torch_model = model.model
+    key = torch_model.task_keys[task_index]
+    datamodule.setup("fit")
+    loader = datamodule.val_dataloader()
+    scores, maps, labels, masks = [], [], [], []
+    was_normalizing = torch_model.normalize_scores
+    torch_model.normalize_scores = False
+    model.eval()
+    with torch_model.oracle(key):
+        for batch in loader:
+            images, gt_mask = batch.image, batch.gt_mask
+            if model.pre_processor is not None:
+                images, gt_mask = model.pre_processor.transform(images, gt_mask)
+            pred = torch_model.predict_features(torch_model.extract_features(images))
+            scores.append(pred.pred_score.cpu())
+            maps.append(pred.anomaly_map[:, 0].cpu())
+            labels.append(batch.gt_label.cpu().long())
+            if gt_mask is not None:
+                mask = gt_mask.float()
+                mask = mask[:, 0] if mask.ndim == 4 else mask
+                masks.append(mask.cpu() > 0.5)
+    torch_model.normalize_scores = was_normalizing
+    score_t, map_t, label_t = torch.cat(scores), torch.cat(maps), torch.cat(labels)
+    values = {
+        "image_min": float(score_t.min()),
+        "image_max": float(score_t.max()),
+        "pixel_min": float(map_t.min()),
+        "pixel_max": float(map_t.max()),
+    }
+    values["image_threshold"] = _adaptive_threshold(F1AdaptiveThreshold, score_t, label_t, values["image_max"])
+    if masks:
+        mask_t = torch.cat(masks)
+        # a subsample of pixels keeps the threshold search cheap
+        flat_maps, flat_masks = map_t.flatten(), mask_t.flatten().long()
+        step = max(1, flat_maps.numel() // 500_000)
+        values["pixel_threshold"] = _adaptive_threshold(
+            F1AdaptiveThreshold, flat_maps[::step], flat_masks[::step], values["pixel_max"]
+        )
+    else:
+        values["pixel_threshold"] = values["image_threshold"]
+    torch_model.normalizer.ensure_task(key).set(**values)
+    return values
+
+
+def _adaptive_threshold(metric_cls: type, preds: torch.Tensor, target: torch.Tensor, fallback: float) -> float:
+    """F1-optimal threshold; the maximum score when the set has one class only."""
+    if target.unique().numel() < 2:
+        return fallback
+    metric = metric_cls()
+    metric.update(preds, target)
+    return float(metric.compute())
+

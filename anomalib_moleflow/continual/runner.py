@@ -1,0 +1,259 @@
+"""Continual MoLE-Flow run: one task after another, with routing and resumable checkpoints.
+
+For each task ``t`` of the stream:
+
+1. add expert ``t`` (LoRA, task bias, whitening adapter, DIA) and freeze everything else
+   (V4.1: the shared flow, mixer and context convs train on task 0 only);
+2. train it with a fresh Lightning ``Trainer`` (a reused one would run zero steps), from
+   cached backbone features; the router callback fits task ``t``'s prototype at the end;
+3. fit task ``t``'s score normalisation (min/max/thresholds kept per expert);
+4. evaluate every task seen so far, routed (no task id) and oracle (true task id);
+5. write ``task_<t>.ckpt`` atomically and the results files.
+
+A checkpoint is written only after its task fully finished, so ``--resume`` continues at
+the next task; the run is marked complete only at the very end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import Callback
+
+from anomalib_moleflow.callbacks import OrthogonalGradientProjection, RouterFitCallback
+from anomalib_moleflow.models.moleflow import MoLEFlow, MoLEFlowConfig
+
+from .checkpoint_io import CheckpointError, RunState, load_run_checkpoint, save_run_checkpoint
+from .evaluation import evaluate_task, fit_task_normalization
+from .metrics import ContinualResults
+from .progress import task_progress
+from .task_stream import TaskStream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerOptions:
+    """Lightning ``Trainer`` arguments used for every task."""
+
+    max_epochs: int = 20
+    accelerator: str = "cpu"
+    devices: int = 1
+    enable_progress_bar: bool = False
+    limit_train_batches: float | int = 1.0
+    deterministic: bool = False
+
+
+@dataclass
+class RunOptions:
+    """Where and how the continual run writes its results."""
+
+    output_dir: str = "results/continual"
+    seed: int = 0
+    use_ogp: bool = False
+    """Orthogonal gradient projection (notes V3-4); disables itself when nothing shared trains."""
+    ogp_threshold: float = 0.99
+    ogp_max_rank: int = 50
+    ogp_n_samples: int = 300
+    extra_callbacks: list[Any] = field(default_factory=list)
+
+
+def build_model(config: MoLEFlowConfig) -> MoLEFlow:
+    """Lightning MoLE-Flow for continual use: metrics and thresholds are handled per task here."""
+    return MoLEFlow(config=config, post_processor=False, evaluator=False, visualizer=False)
+
+
+class ContinualRunner:
+    """Train MoLE-Flow over a :class:`TaskStream` and evaluate after every task.
+
+    Args:
+        model_config: MoLE-Flow configuration.
+        stream: Ordered tasks.
+        trainer: Trainer options per task.
+        run: Output folder, seed, OGP options.
+    """
+
+    def __init__(
+        self,
+        model_config: MoLEFlowConfig,
+        stream: TaskStream,
+        trainer: TrainerOptions | None = None,
+        run: RunOptions | None = None,
+    ) -> None:
+        self.model_config = model_config
+        self.stream = stream
+        self.trainer_options = trainer or TrainerOptions()
+        self.run_options = run or RunOptions()
+        self.output_dir = Path(self.run_options.output_dir)
+        self.model: MoLEFlow | None = None
+        self.results = ContinualResults(stream.names)
+        self.ogp: OrthogonalGradientProjection | None = None
+        if self.run_options.use_ogp:
+            self.ogp = OrthogonalGradientProjection(
+                threshold=self.run_options.ogp_threshold,
+                max_rank_per_task=self.run_options.ogp_max_rank,
+                n_samples=self.run_options.ogp_n_samples,
+            )
+        self.run_state = RunState(task_names=list(stream.names))
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint_path(self, task: int) -> Path:
+        """Checkpoint written after task ``task`` finished."""
+        return self.output_dir / "checkpoints" / f"task_{task:02d}_{self.stream.names[task]}.ckpt"
+
+    def _payload(self) -> dict[str, Any]:
+        assert self.model is not None
+        return {
+            "model_config": self.model_config.to_dict(),
+            "state_dict": self.model.state_dict(),
+            "task_keys": list(self.model.model.task_keys),
+            "results": self.results.to_dict(),
+            "ogp": self.ogp.state_dict() if self.ogp is not None else None,
+            "stream": self.stream.to_dict(),
+        }
+
+    def _latest_checkpoint(self) -> Path | None:
+        for task in reversed(range(len(self.stream))):
+            path = self.checkpoint_path(task)
+            if path.is_file():
+                return path
+        # Checkpoints named after other tasks belong to another run: a new run must refuse the
+        # folder and a resume must fail naming them (load_run_checkpoint checks the task list).
+        others = sorted((self.output_dir / "checkpoints").glob("task_*.ckpt"))
+        return others[-1] if others else None
+
+    def _restore(self, path: Path) -> None:
+        checkpoint, state = load_run_checkpoint(path, expected_tasks=self.stream.names)
+        saved = MoLEFlowConfig.from_dict(checkpoint["model_config"])
+        if saved != self.model_config:
+            msg = f"Checkpoint '{path}' was trained with another MoLE-Flow configuration; resume with the same config"
+            raise CheckpointError(msg)
+        self.model = build_model(self.model_config)
+        for _ in checkpoint["task_keys"]:
+            self.model.add_task()
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.model.normalize_scores = True
+        self.results = ContinualResults.from_dict(checkpoint["results"])
+        if self.ogp is not None and checkpoint.get("ogp") is not None:
+            self.ogp.load_state_dict(checkpoint["ogp"])
+        self.run_state = state
+        logger.info("Resumed from %s after %d task(s)", path, state.completed_tasks)
+
+    # ----------------------------------------------------------------- one task
+    def _callbacks(self) -> list[Callback]:
+        callbacks: list[Callback] = [RouterFitCallback()]
+        if self.ogp is not None:
+            callbacks.append(self.ogp)
+        return callbacks + list(self.run_options.extra_callbacks)
+
+    def train_task(self, task: int) -> float:
+        """Add expert ``task`` and train it with a fresh Trainer; returns train seconds."""
+        assert self.model is not None
+        seed_everything(self.run_options.seed + task, workers=True)
+        key = self.model.add_task()
+        if key != str(task):
+            msg = f"expert key {key!r} does not match task index {task}"
+            raise RuntimeError(msg)
+        opts = self.trainer_options
+        trainer = Trainer(
+            max_epochs=opts.max_epochs,
+            accelerator=opts.accelerator,
+            devices=opts.devices,
+            enable_progress_bar=opts.enable_progress_bar,
+            limit_train_batches=opts.limit_train_batches,
+            deterministic=opts.deterministic,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            gradient_clip_val=self.model_config.grad_clip,
+            callbacks=self._callbacks(),
+            default_root_dir=str(self.output_dir),
+        )
+        start = time.perf_counter()
+        trainer.fit(self.model, datamodule=self.stream.datamodule(task))
+        return time.perf_counter() - start
+
+    def evaluate_seen(self, after_task: int) -> float:
+        """Evaluate tasks ``0..after_task``; returns model ms per image (routed)."""
+        assert self.model is not None
+        seconds, images = 0.0, 0
+        for task in range(after_task + 1):
+            out = evaluate_task(self.model, self.stream.datamodule(task), task)
+            self.results.record(after_task, task, out["routed"], mode="routed")
+            self.results.record(after_task, task, out["oracle"], mode="oracle")
+            self.results.record_routing(after_task, task, out["routing_accuracy"])
+            seconds += out["model_seconds"]
+            images += out["n_images"]
+        return 1000.0 * seconds / max(1, images)
+
+    # ----------------------------------------------------------------- the run
+    def run(self, resume: bool = False) -> ContinualResults:
+        """Train and evaluate every task; ``resume`` continues after the last finished task."""
+        self.stream.validate()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        latest = self._latest_checkpoint()
+        if resume and latest is not None:
+            self._restore(latest)
+        elif latest is not None:
+            msg = (
+                f"'{self.output_dir}' already holds checkpoints of a run ({latest.name}); pass --resume to "
+                "continue it, or choose another run.output_dir"
+            )
+            raise FileExistsError(msg)
+        if self.model is None:
+            # the shared flow / mixer get their initial weights here: seed them too
+            seed_everything(self.run_options.seed, workers=True, verbose=False)
+            self.model = build_model(self.model_config)
+        first = self.run_state.completed_tasks
+        for task in task_progress(range(first, len(self.stream)), self.stream.names, first):
+            train_seconds = self.train_task(task)
+            self.results.record_timing(task, train_seconds)
+            fit_task_normalization(self.model, self.stream.datamodule(task), task)
+            self.model.model.normalize_scores = True
+            self.results.set_inference_ms(self.evaluate_seen(task))
+            self.run_state.mark_task_done(task)
+            if self.run_state.next_task is None:
+                self.run_state.mark_complete()
+            save_run_checkpoint(self.checkpoint_path(task), self.run_state, self._payload())
+            self.results.write(self.output_dir)
+        return self.results
+
+
+def load_continual_model(path: str | Path) -> MoLEFlow:
+    """Load a continual checkpoint as a routed MoLE-Flow model that scores new images.
+
+    Scores come out per-task normalised (task threshold at 0.5) and the anomalib
+    post-processor is set to pass them through with that threshold.
+    """
+    from anomalib.post_processing import PostProcessor
+
+    checkpoint, _ = load_run_checkpoint(path)
+    config = MoLEFlowConfig.from_dict(checkpoint["model_config"])
+    model = build_model(config)
+    for _ in checkpoint["task_keys"]:
+        model.add_task()
+    model.load_state_dict(checkpoint["state_dict"])
+    model.model.normalize_scores = True
+    post = PostProcessor()
+    for name, value in (
+        ("_image_threshold", 0.5),
+        ("_pixel_threshold", 0.5),
+        ("image_min", 0.0),
+        ("image_max", 1.0),
+        ("pixel_min", 0.0),
+        ("pixel_max", 1.0),
+    ):
+        getattr(post, name).fill_(value)
+    model.post_processor = post
+    model.eval()
+    return model
+
+
+__all__ = ["ContinualRunner", "RunOptions", "TrainerOptions", "build_model", "load_continual_model"]

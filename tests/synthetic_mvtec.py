@@ -1,0 +1,141 @@
+"""Generate tiny MVTec AD-layout task folders whose products look clearly different.
+
+``tests/conftest.py`` has one fixed "widget" texture (``make_widget_dataset``); a continual
+stream needs several products that a router can tell apart, so this module draws each
+product from a :class:`Style` (base colour + texture) and paints defects as blobs of a
+contrasting colour, with their masks::
+
+    <root>/<name>/train/good/000.png ...
+    <root>/<name>/test/good/000.png ...
+    <root>/<name>/test/<defect>/000.png ...
+    <root>/<name>/ground_truth/<defect>/000_mask.png ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["STYLES", "Style", "make_stream", "make_task", "product_image"]
+
+
+@dataclass(frozen=True)
+class Style:
+    """Look of one synthetic product."""
+
+    color: tuple[int, int, int]
+    """Base RGB colour."""
+    pattern: str = "stripes"
+    """``stripes`` (diagonal), ``checker``, ``dots`` or ``plain``."""
+    period: float = 8.0
+    """Pattern period in pixels."""
+    defect_color: tuple[int, int, int] = (20, 200, 20)
+
+
+#: Products that differ in colour *and* texture (routing on them should be trivial).
+STYLES: dict[str, Style] = {
+    "red_stripes": Style(color=(200, 60, 50), pattern="stripes", period=8.0, defect_color=(30, 200, 220)),
+    "blue_checker": Style(color=(50, 80, 200), pattern="checker", period=16.0, defect_color=(240, 220, 40)),
+    "green_dots": Style(color=(60, 170, 70), pattern="dots", period=12.0, defect_color=(230, 40, 200)),
+    "gray_plain": Style(color=(128, 128, 128), pattern="plain", defect_color=(250, 250, 250)),
+}
+
+
+def _texture(style: Style, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``(size, size)`` float texture in about ``[0.6, 1.4]`` with a random phase."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    shift = rng.uniform(0, style.period, size=2)
+    yy, xx = yy + shift[0], xx + shift[1]
+    if style.pattern == "stripes":
+        t = np.sin(2 * np.pi * (xx + yy) / style.period)
+    elif style.pattern == "checker":
+        t = np.sign(np.sin(2 * np.pi * xx / style.period) * np.sin(2 * np.pi * yy / style.period))
+    elif style.pattern == "dots":
+        t = np.cos(2 * np.pi * xx / style.period) * np.cos(2 * np.pi * yy / style.period)
+        t = np.where(t > 0.5, 1.0, -0.5)
+    elif style.pattern == "plain":
+        t = np.zeros((size, size), dtype=np.float32)
+    else:
+        msg = f"unknown pattern {style.pattern!r}"
+        raise ValueError(msg)
+    return 1.0 + 0.4 * t
+
+
+def product_image(
+    style: Style, rng: np.random.Generator, size: int = 64, defect: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image ``(size, size, 3) uint8`` of ``style`` and its mask ``(size, size) uint8`` in {0, 255}."""
+    texture = _texture(style, size, rng)
+    image = texture[..., None] * np.asarray(style.color, dtype=np.float32)
+    image += rng.normal(0, 4, size=image.shape)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    if defect:
+        yy, xx = np.mgrid[0:size, 0:size]
+        margin = size // 4
+        cy, cx = rng.integers(margin, size - margin, size=2)
+        radius = int(rng.integers(max(2, size // 10), max(3, size // 6)))
+        blob = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+        # a grainy blob of a contrasting colour: colour and texture both differ from the product
+        grain = rng.uniform(0.4, 1.4, size=(int(blob.sum()), 1))
+        image[blob] = np.asarray(style.defect_color, dtype=np.float32) * grain
+        mask[blob] = 255
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def make_task(
+    root: str | Path,
+    name: str,
+    style: Style | str | None = None,
+    n_train: int = 12,
+    n_good: int = 3,
+    n_defect: int = 3,
+    size: int = 64,
+    defect_name: str = "blob",
+    seed: int = 0,
+) -> Path:
+    """Write the MVTec AD-layout folder ``root/name`` and return it.
+
+    Args:
+        root: Folder that holds the task folders (the stream's ``data.root``).
+        name: Category folder name.
+        style: A :class:`Style`, a key of :data:`STYLES`, or ``None`` for ``STYLES[name]``.
+        n_train: Defect-free training images.
+        n_good: Defect-free test images.
+        n_defect: Defective test images (each with a mask).
+        size: Image side in pixels.
+        defect_name: Defect type folder name.
+        seed: Random seed (images are reproducible).
+    """
+    if style is None:
+        style = name
+    if isinstance(style, str):
+        style = STYLES[style]
+    rng = np.random.default_rng(seed)
+    task = Path(root) / name
+    folders = {
+        "train": task / "train" / "good",
+        "good": task / "test" / "good",
+        "defect": task / "test" / defect_name,
+        "mask": task / "ground_truth" / defect_name,
+    }
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        Image.fromarray(product_image(style, rng, size)[0]).save(folders["train"] / f"{i:03d}.png")
+    for i in range(n_good):
+        Image.fromarray(product_image(style, rng, size)[0]).save(folders["good"] / f"{i:03d}.png")
+    for i in range(n_defect):
+        image, mask = product_image(style, rng, size, defect=True)
+        Image.fromarray(image).save(folders["defect"] / f"{i:03d}.png")
+        Image.fromarray(mask).save(folders["mask"] / f"{i:03d}_mask.png")
+    return task
+
+
+def make_stream(root: str | Path, names: list[str] | tuple[str, ...], **kwargs: object) -> Path:
+    """:func:`make_task` for each name (a key of :data:`STYLES`); returns ``root``."""
+    for index, name in enumerate(names):
+        make_task(root, name, seed=index, **kwargs)  # type: ignore[arg-type]
+    return Path(root)

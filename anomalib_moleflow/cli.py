@@ -57,6 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     cfg = parser.parse_args(list(argv) if argv is not None else sys.argv[1:])
     if cfg.subcommand == "continual":
-        return run_continual(cfg.continual)
+        try:
+            return run_continual(cfg.continual)
+        except (FileNotFoundError, FileExistsError, ValueError, OSError) as exc:
+            # bad data paths, an occupied run folder, a checkpoint of another run (CheckpointError
+            # is a ValueError), an unreadable image: the message says what and where
+            print(f"anomalib-moleflow continual: error: {exc}", file=sys.stderr)
+            return 1
     parser.error(f"unknown subcommand {cfg.subcommand!r}")
     return 2

@@ -15,9 +15,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# One intra-op thread unless the caller chose otherwise (OMP_NUM_THREADS). The models here are
+# tiny, and on a small machine shared with other jobs torch's spinning worker threads made
+# the Engine-based tests 10-40x slower (e.g. 38 s instead of 3 s for a two-task fit) on
+# 2 busy cores. Set before any test runs; inherited by the CLI subprocesses via the env.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 #: Fields of a tiny, fast :class:`MoLEFlowConfig` (plain data, so it also works as ``--model.config``).
 TINY_CONFIG: dict[str, Any] = {

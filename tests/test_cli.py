@@ -24,6 +24,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """``python -m anomalib_moleflow ARGS`` in a fresh interpreter (offline, repo on the path)."""
     env = dict(os.environ)
     env["HF_HUB_OFFLINE"] = "1"
+    env["OMP_NUM_THREADS"] = "1"  # see test_continual_runner._one_torch_thread
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return subprocess.run(
         [sys.executable, "-m", "anomalib_moleflow", *args],

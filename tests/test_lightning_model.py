@@ -230,7 +230,8 @@ def test_feature_cache_runs_the_backbone_once_per_image_and_fit(
     datamodule = _datamodule(widget_root)
     _engine(tmp_path / "a", max_epochs=2).fit(model, datamodule=datamodule)
     assert _training_images(calls) == N_TRAIN  # not N_TRAIN per epoch
-    assert len(model._feature_cache) == N_TRAIN
+    # training and (in-fit) validation images are each cached once
+    assert len(model._feature_cache) == N_TRAIN + len(datamodule.val_data)
     assert all(f.shape == (8, 8, 152) and not f.requires_grad for f in model._feature_cache.values())
     # a new task starts a new fit with an empty cache: its features are computed again, once
     calls.clear()

@@ -112,6 +112,9 @@ class PrototypeRouter(nn.Module):
         self.calibration_folds = calibration_folds
         self.ridge = ridge
         self.slots = nn.ModuleDict()
+        # Python-side mirror of the slots' ``fitted`` flags, so that code paths that ask
+        # "how many tasks can be routed?" stay traceable (torch.export / ONNX).
+        self._fitted_keys: set[str] = set()
 
     @property
     def task_keys(self) -> list[str]:
@@ -142,6 +145,13 @@ class PrototypeRouter(nn.Module):
             if name.startswith(head) and name.endswith(".mean") and "." not in key and key not in self.slots:
                 self.ensure_tasks([key], channels=value.shape[0])
         super()._load_from_state_dict(state_dict, prefix, *args)
+        for name, value in state_dict.items():
+            key = name[len(head) : -len(".fitted")]
+            if name.startswith(head) and name.endswith(".fitted") and "." not in key:
+                if bool(value):
+                    self._fitted_keys.add(key)
+                else:
+                    self._fitted_keys.discard(key)
 
     def fit_task(self, key: str | int, pooled: torch.Tensor) -> None:
         """Fit (or refit) task ``key`` on its training images' pooled features ``(N, C)``."""
@@ -162,6 +172,7 @@ class PrototypeRouter(nn.Module):
         slot.precision = precision.to(device=device, dtype=torch.float32)
         slot.calibration = torch.as_tensor(calibration, dtype=torch.float32, device=device)
         slot.fitted = torch.ones((), dtype=torch.bool, device=device)
+        self._fitted_keys.add(key)
 
     def _calibrate(self, x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> float:
         """Quantile of cross-fitted (or, for tiny sets, in-sample) training distances."""
@@ -195,7 +206,7 @@ class PrototypeRouter(nn.Module):
     @property
     def n_fitted(self) -> int:
         """Number of fitted tasks."""
-        return sum(int(bool(slot.fitted)) for slot in self.slots.values())
+        return len(self._fitted_keys & set(self.slots.keys()))
 
     def calibrations(self) -> torch.Tensor:
         """Calibration distance ``(T,)`` of each task."""

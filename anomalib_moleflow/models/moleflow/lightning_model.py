@@ -98,8 +98,13 @@ class MoLEFlow(AnomalibModule):
         self._feature_cache.clear()
 
     # ----------------------------------------------------------------- steps
-    def _train_features(self, batch: Batch) -> torch.Tensor:
-        """Backbone features, computed once per training image when caching is on."""
+    def _cached_features(self, batch: Batch) -> torch.Tensor:
+        """Backbone features, computed once per image per fit when caching is on.
+
+        The backbone is frozen and pre-processing is deterministic, so during one fit an
+        image's features never change: each training (and validation) image goes through
+        the backbone once per task instead of once per epoch.
+        """
         paths = getattr(batch, "image_path", None)
         if not self.config.cache_features or paths is None:
             return self.model.extract_features(batch.image)
@@ -110,6 +115,10 @@ class MoLEFlow(AnomalibModule):
         for path, feat in zip(paths, features, strict=True):
             self._feature_cache[path] = feat.detach().cpu()
         return features
+
+    def _train_features(self, batch: Batch) -> torch.Tensor:
+        """Features of a training batch (cached per fit)."""
+        return self._cached_features(batch)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """NLL (+ tail and regularisers) of the active expert on one batch."""
@@ -126,7 +135,11 @@ class MoLEFlow(AnomalibModule):
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score the batch with the active expert."""
         del args, kwargs
-        predictions = self.model(batch.image)
+        in_fit = self._trainer is not None and self.trainer.state.fn == "fit"
+        if in_fit:  # validation inside fit: the same images every epoch, features cached
+            predictions = self.model.predict_features(self._cached_features(batch))
+        else:
+            predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 
     # ----------------------------------------------------------------- optimisation

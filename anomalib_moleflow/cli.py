@@ -37,6 +37,26 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def format_summary(summary: dict) -> str:
+    """Final per-task metrics (routed, task id hidden), mean and forgetting as a text table."""
+
+    def cell(value: object) -> str:
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+    keys = ("image_AUROC", "pixel_AUROC", "pixel_AP", "routing_accuracy")
+    rows = [f"{'task':<16}" + "".join(f"{k:>18}" for k in keys)]
+    for name in summary["tasks"]:
+        final = summary["final"].get(name, {})
+        rows.append(f"{name:<16}" + "".join(f"{cell(final.get(k)):>18}" for k in keys))
+    rows.append(f"{'mean':<16}" + "".join(f"{cell(summary['mean'].get(k)):>18}" for k in keys))
+    forgetting = summary["forgetting"]
+    rows.append(f"{'forgetting':<16}" + "".join(f"{cell(forgetting.get(k)):>18}" for k in keys[:3]))
+    timing = summary["timing"]
+    rows.append(f"train seconds per task: {json.dumps(timing['train_seconds'])}; "
+                f"inference {cell(timing['inference_ms_per_image'])} ms/image")
+    return "\n".join(rows)
+
+
 def run_continual(cfg: object) -> int:
     """Build the runner from a parsed ``continual`` namespace and run it."""
     init = continual_parser().instantiate_classes(cfg)
@@ -47,7 +67,7 @@ def run_continual(cfg: object) -> int:
     runner = ContinualRunner(model_config, stream, trainer=trainer_opts, run=run_opts)
     results = runner.run(resume=cfg.resume)
     summary = results.to_dict()
-    print(json.dumps({"tasks": summary["tasks"], "mean": summary["mean"], "forgetting": summary["forgetting"]}, indent=2))
+    print(format_summary(summary))
     print(f"results written to {runner.output_dir}")
     return 0
 

@@ -301,4 +301,4 @@ def test_config_file_parses() -> None:
     assert "class_path: anomalib_moleflow.MoLEFlow" in out
     assert "class_path: anomalib_moleflow.data.MVTecADLocal" in out
     assert "root: ../shared/data/mvtec_ad" in out
-    assert "max_epochs: 20" in out
+    assert "max_epochs: 8" in out

@@ -1,0 +1,34 @@
+"""Bottle as task 0 (8 epochs), transistor as task 1 (expert only): image/pixel AUROC of both.
+
+    python benchmarks/tuning/tune_continual.py 16 '{}'     # task-1 epochs, config overrides
+"""
+import torch, sys, math, json, os
+from torchmetrics.functional.classification import binary_auroc
+from anomalib_moleflow import MoLEFlowConfig, MoLEFlowModel
+from anomalib_moleflow.models.moleflow.loss import MoLEFlowLoss
+CACHE = os.environ.get("MOLEFLOW_TUNE_CACHE", "results/tuning")
+torch.manual_seed(0); torch.set_num_threads(1)
+ep1 = int(sys.argv[1]); kw = eval(sys.argv[2]) if len(sys.argv) > 2 else {}
+cfg = MoLEFlowConfig(pre_trained=False, **kw)
+m = MoLEFlowModel(cfg); pos = m.feature_extractor.position_embedding
+loss_fn = MoLEFlowLoss(cfg.tail_weight, cfg.tail_top_ratio, cfg.logdet_reg)
+def train(key, tr, epochs):
+    params = m.prepare_task_training(key)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(len(tr) / 16))
+    for ep in range(epochs):
+        perm = torch.randperm(len(tr)); m.train()
+        for i in range(0, len(tr), 16):
+            z, ld = m.flow_forward(tr[perm[i:i+16]]); loss, _ = loss_fn(z, ld); loss = loss + m.regularization()
+            opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip); opt.step(); sched.step()
+def evaluate(key, d):
+    m.eval(); te = d["test"] + pos; s, a = [], []
+    with torch.no_grad():
+        for i in range(0, len(te), 16):
+            b = m.score_features(te[i:i+16], key); s.append(b.pred_score); a.append(b.anomaly_map)
+    s = torch.cat(s); a = torch.cat(a)[:, 0]
+    return round(binary_auroc(s, d["labels"]).item(), 4), round(binary_auroc(a.flatten(), d["masks"].flatten().long()).item(), 4)
+b = torch.load(os.path.join(CACHE, "feats_bottle_tf_efficientnet_lite0_256.pt")); t = torch.load(os.path.join(CACHE, "feats_transistor_tf_efficientnet_lite0_256.pt"))
+m.add_task(); train("0", b["train"] + pos, 8)
+m.add_task(); train("1", t["train"] + pos, ep1)
+print(json.dumps(dict(ep1=ep1, kw=kw, bottle=evaluate("0", b), transistor=evaluate("1", t))))

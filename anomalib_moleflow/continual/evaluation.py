@@ -41,6 +41,20 @@ def _metrics(scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, mas
     return out
 
 
+def _prepared(model: MoLEFlow, batch: object, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pre-processed images and a boolean ``(B, H, W)`` mask (resized to ``size`` if given)."""
+    images, gt_mask = batch.image, batch.gt_mask
+    if model.pre_processor is not None:
+        images, gt_mask = model.pre_processor.transform(images, gt_mask)
+    if gt_mask is None:
+        return images, None
+    mask = gt_mask.float()
+    mask = mask[:, 0] if mask.ndim == 4 else mask
+    if size is not None and mask.shape[-2:] != size:
+        mask = F.interpolate(mask[:, None], size=size, mode="nearest")[:, 0]
+    return images, mask.cpu() > 0.5
+
+
 def _test_loader(datamodule: AnomalibDataModule):  # noqa: ANN202 - a torch DataLoader
     datamodule.setup("test")
     return datamodule.test_dataloader()
@@ -60,10 +74,7 @@ def evaluate_task(model: MoLEFlow, datamodule: AnomalibDataModule, task_index: i
     routed, oracle = TaskScores(), TaskScores()
     labels, masks, correct, total, seconds = [], [], 0, 0, 0.0
     for batch in _test_loader(datamodule):
-        images = batch.image
-        gt_mask = batch.gt_mask
-        if model.pre_processor is not None:
-            images, gt_mask = model.pre_processor.transform(images, gt_mask)
+        images, mask = _prepared(model, batch, torch_model.anomaly_map_generator.input_size)
         start = time.perf_counter()
         features = torch_model.extract_features(images)
         pred = torch_model.predict_features(features)
@@ -76,13 +87,8 @@ def evaluate_task(model: MoLEFlow, datamodule: AnomalibDataModule, task_index: i
         oracle.image_scores.append(ora.pred_score.cpu())
         oracle.maps.append(ora.anomaly_map[:, 0].cpu())
         labels.append(batch.gt_label.cpu().long())
-        if gt_mask is not None:
-            mask = gt_mask.float()
-            if mask.ndim == 4:
-                mask = mask[:, 0]
-            if mask.shape[-2:] != pred.anomaly_map.shape[-2:]:
-                mask = F.interpolate(mask[:, None], size=pred.anomaly_map.shape[-2:], mode="nearest")[:, 0]
-            masks.append(mask.cpu() > 0.5)
+        if mask is not None:
+            masks.append(mask)
         total += len(images)
         correct += len(images) if route is None else int((route.cpu() == task_index).sum())
     model.train(was_training)
@@ -115,17 +121,13 @@ def fit_task_normalization(model: MoLEFlow, datamodule: AnomalibDataModule, task
     model.eval()
     with torch_model.oracle(key):
         for batch in loader:
-            images, gt_mask = batch.image, batch.gt_mask
-            if model.pre_processor is not None:
-                images, gt_mask = model.pre_processor.transform(images, gt_mask)
+            images, mask = _prepared(model, batch, torch_model.anomaly_map_generator.input_size)
             pred = torch_model.predict_features(torch_model.extract_features(images))
             scores.append(pred.pred_score.cpu())
             maps.append(pred.anomaly_map[:, 0].cpu())
             labels.append(batch.gt_label.cpu().long())
-            if gt_mask is not None:
-                mask = gt_mask.float()
-                mask = mask[:, 0] if mask.ndim == 4 else mask
-                masks.append(mask.cpu() > 0.5)
+            if mask is not None:
+                masks.append(mask)
     torch_model.normalize_scores = was_normalizing
     score_t, map_t, label_t = torch.cat(scores), torch.cat(maps), torch.cat(labels)
     values = {

@@ -36,6 +36,7 @@ TINY_CONFIG: dict[str, Any] = {
     "lora_rank": 2,
     "subnet_hidden_ratio": 0.5,
     "dia_hidden_ratio": 0.25,
+    "grid_downsample": 1,  # keep the 8x8 grid of a 64 px image (the default 2 would leave 4x4)
 }
 
 WIDGET_SIZE = 64

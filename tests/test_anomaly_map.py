@@ -21,3 +21,15 @@ def test_image_score_is_top_k_mean() -> None:
     gen = AnomalyMapGenerator((16, 16), sigma=0.0, top_k=2)
     scores = torch.tensor([[[1.0, 5.0], [3.0, 2.0]]])
     assert torch.allclose(gen.image_score(scores), torch.tensor([4.0]))
+
+
+def test_separable_blur_equals_anomalib_2d_gaussian() -> None:
+    from anomalib.models.components import GaussianBlur2d
+
+    from anomalib_moleflow.models.moleflow.anomaly_map import SeparableGaussianBlur
+
+    maps = torch.rand(2, 1, 40, 48)
+    ours = SeparableGaussianBlur(sigma=4.0, kernel_size=33)(maps)
+    reference = GaussianBlur2d(sigma=(4.0, 4.0), channels=1, kernel_size=(33, 33))(maps)
+    assert ours.shape == maps.shape
+    assert torch.allclose(ours, reference, atol=1e-5)

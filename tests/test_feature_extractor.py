@@ -23,7 +23,7 @@ LITE0_CHANNELS = (40, 112)
 
 
 def _extractor(**overrides: Any) -> PatchFeatureExtractor:  # noqa: ANN401
-    fields = {"backbone": "tf_efficientnet_lite0", "image_size": 64, **overrides}
+    fields = {"backbone": "tf_efficientnet_lite0", "image_size": 64, "grid_downsample": 1, **overrides}
     return PatchFeatureExtractor(MoLEFlowConfig(**fields))
 
 
@@ -32,12 +32,13 @@ def lite0_64() -> PatchFeatureExtractor:
     return _extractor()
 
 
-@pytest.mark.parametrize(("image_size", "grid"), [(64, 8), (256, 32)])
-def test_grid_and_channels(image_size: int, grid: int) -> None:
-    extractor = _extractor(image_size=image_size)
+@pytest.mark.parametrize(("image_size", "downsample", "grid"), [(64, 1, 8), (256, 1, 32), (256, 2, 16), (72, 2, 5)])
+def test_grid_and_channels(image_size: int, downsample: int, grid: int) -> None:
+    extractor = _extractor(image_size=image_size, grid_downsample=downsample)
     assert extractor.layer_channels == list(LITE0_CHANNELS)
     assert extractor.out_channels == sum(LITE0_CHANNELS) == 152
-    assert extractor.grid_size == (grid, grid) == (image_size // 8, image_size // 8)
+    assert extractor.backbone_grid == (-(-image_size // 8),) * 2
+    assert extractor.grid_size == (grid, grid)
     with torch.no_grad():
         features = extractor(torch.rand(2, 3, image_size, image_size))
     assert features.shape == (2, grid, grid, 152)
@@ -173,3 +174,18 @@ def test_aggregation_kernel_one_disables_smoothing(lite0_64: PatchFeatureExtract
     upsampled = F.interpolate(maps[1], size=(8, 8), mode="bilinear", align_corners=False)
     assert torch.allclose(features[..., 40:], upsampled.permute(0, 2, 3, 1), atol=1e-6)
     assert math.prod(features.shape) == 8 * 8 * 152
+
+
+def test_grid_downsample_averages_the_backbone_grid() -> None:
+    fine = _extractor(image_size=64, grid_downsample=1, use_position_embedding=False)
+    coarse = _extractor(image_size=64, grid_downsample=2, use_position_embedding=False)
+    coarse.backbone = fine.backbone  # same weights
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch.nn.functional.avg_pool2d(fine(images).permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+        assert torch.allclose(coarse(images), expected, atol=1e-6)
+
+
+def test_grid_downsample_larger_than_the_grid_is_named() -> None:
+    with pytest.raises(ValueError, match="grid_downsample"):
+        _extractor(image_size=64, grid_downsample=16)

@@ -248,3 +248,19 @@ def test_without_cache_the_backbone_runs_every_epoch(
     _engine(tmp_path, max_epochs=2).fit(model, datamodule=_datamodule(widget_root))
     assert _training_images(calls) == 2 * N_TRAIN
     assert not model._feature_cache
+
+
+def test_global_score_is_fitted_on_the_training_images(
+    tiny_config: Mapping[str, Any], widget_root: Path, tmp_path: Path,
+) -> None:
+    model = MoLEFlow(config={**tiny_config, "global_score_weight": 0.5})
+    _engine(tmp_path, max_epochs=1).fit(model, datamodule=_datamodule(widget_root))
+    fusion = model.model.global_score
+    assert fusion is not None and fusion.fitted("0")
+    assert len(model._train_paths) == N_TRAIN
+    train = torch.stack([model._feature_cache[p] for p in model._train_paths])
+    model.eval()
+    with torch.no_grad():
+        scores = model.model.score_features(train, "0").pred_score
+    # z-normalised on exactly these images: the fused training scores average to zero
+    assert abs(float(scores.mean())) < 1e-3

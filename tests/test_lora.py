@@ -40,3 +40,22 @@ def test_duplicate_adapter_rejected() -> None:
     layer.add_adapter("0")
     with pytest.raises(ValueError, match="already exists"):
         layer.add_adapter("0")
+
+
+def test_inference_uses_merged_weights_and_follows_updates() -> None:
+    torch.manual_seed(0)
+    layer = LoRALinear(12, 8, rank=4)
+    layer.add_adapter("0")
+    layer.set_adapter("0")
+    torch.nn.init.normal_(layer.lora_B["0"].weight)
+    torch.nn.init.normal_(layer.task_bias["0"])
+    x = torch.randn(5, 12)
+    unmerged = layer(x)  # grad enabled: base + low-rank path
+    with torch.no_grad():
+        merged = layer(x)
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+    with torch.no_grad():
+        layer.lora_B["0"].weight.mul_(2.0)  # an optimiser step changes the expert in place
+        after = layer(x)
+    assert not torch.allclose(after, merged, atol=1e-3)
+    assert torch.allclose(after, layer(x).detach(), atol=1e-5)

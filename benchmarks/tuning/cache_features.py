@@ -8,7 +8,9 @@ from anomalib_moleflow import MoLEFlowConfig, MoLEFlowModel
 from anomalib_moleflow.backbones import backbone_normalization
 size = int(sys.argv[1]) if len(sys.argv) > 1 else 256
 backbone = sys.argv[2] if len(sys.argv) > 2 else "tf_efficientnet_lite0"
-cfg = MoLEFlowConfig(image_size=size, backbone=backbone, use_position_embedding=False)
+agg = int(os.environ.get("MOLEFLOW_TUNE_AGG", "3"))  # feature_aggregation_kernel of the cached features
+suffix = "" if agg == 3 else f"_agg{agg}"
+cfg = MoLEFlowConfig(image_size=size, backbone=backbone, use_position_embedding=False, feature_aggregation_kernel=agg)
 m = MoLEFlowModel(cfg).eval()
 mean, std = backbone_normalization(backbone)
 mean = torch.tensor(mean)[:, None, None]; std = torch.tensor(std)[:, None, None]
@@ -36,5 +38,5 @@ for cat in ["bottle", "transistor"]:
             mk = Image.open(mp).convert("L").resize((size, size), Image.NEAREST)
             masks.append(torch.from_numpy(np.asarray(mk) > 127).float())
     out["labels"] = labels; out["masks"] = torch.stack(masks)
-    torch.save(out, f"{CACHE}/feats_{cat}_{backbone}_{size}.pt")
+    torch.save(out, f"{CACHE}/feats_{cat}_{backbone}_{size}{suffix}.pt")
     print(cat, out["train"].shape, out["test"].shape)

@@ -27,8 +27,21 @@ def evaluate(key, d):
         for i in range(0, len(te), 16):
             b = m.score_features(te[i:i+16], key); s.append(b.pred_score); a.append(b.anomaly_map)
     s = torch.cat(s); a = torch.cat(a)[:, 0]
-    return round(binary_auroc(s, d["labels"]).item(), 4), round(binary_auroc(a.flatten(), d["masks"].flatten().long()).item(), 4)
-b = torch.load(os.path.join(CACHE, "feats_bottle_tf_efficientnet_lite0_256.pt")); t = torch.load(os.path.join(CACHE, "feats_transistor_tf_efficientnet_lite0_256.pt"))
+    if os.environ.get("MOLEFLOW_TUNE_DUMP"):  # raw patch scores, for post-hoc scoring experiments
+        with torch.no_grad():
+            dump = dict(labels=d["labels"], masks=d["masks"])
+            for split in ("train", "test"):
+                x = d[split] + pos
+                dump[f"{split}_patch_scores"] = torch.cat([m.patch_scores(x[i:i+16], key) for i in range(0, len(x), 16)])
+        torch.save(dump, f"{os.environ['MOLEFLOW_TUNE_DUMP']}_{key}.pt")
+    return round(binary_auroc((s - s.min()).double() / (s.max() - s.min()), d["labels"]).item(), 4), round(binary_auroc(((a - a.min()) / (a.max() - a.min())).flatten().double(), d["masks"].flatten().long()).item(), 4)
+def load(cat):
+    d = torch.load(os.path.join(CACHE, f"feats_{cat}_{cfg.backbone}_{cfg.image_size}{'' if cfg.feature_aggregation_kernel == 3 else f'_agg{cfg.feature_aggregation_kernel}'}.pt"))
+    if cfg.grid_downsample > 1:  # cached features are on the backbone grid: pool them as the extractor would
+        for k in ("train", "test"):
+            d[k] = torch.nn.functional.avg_pool2d(d[k].permute(0, 3, 1, 2), cfg.grid_downsample, ceil_mode=True).permute(0, 2, 3, 1).contiguous()
+    return d
+b = load("bottle"); t = load("transistor")
 m.add_task(); train("0", b["train"] + pos, 8)
 m.add_task(); train("1", t["train"] + pos, ep1)
 print(json.dumps(dict(ep1=ep1, kw=kw, bottle=evaluate("0", b), transistor=evaluate("1", t))))

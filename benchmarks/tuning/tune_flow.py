@@ -12,6 +12,9 @@ torch.manual_seed(0); torch.set_num_threads(1)
 d = torch.load(f"{os.environ.get('MOLEFLOW_TUNE_CACHE', 'results/tuning')}/feats_{cat}_{bb}_{size}.pt")
 cfg = MoLEFlowConfig(pre_trained=False, **kw)
 m = MoLEFlowModel(cfg); m.add_task(); params = m.prepare_task_training("0")
+if cfg.grid_downsample > 1:  # cached features are on the backbone grid: pool them as the extractor would
+    pool = lambda f: torch.nn.functional.avg_pool2d(f.permute(0, 3, 1, 2), cfg.grid_downsample, ceil_mode=True).permute(0, 2, 3, 1).contiguous()
+    d["train"], d["test"] = pool(d["train"]), pool(d["test"])
 pos = m.feature_extractor.position_embedding if cfg.use_position_embedding else 0
 tr = d["train"] + pos; te = d["test"] + pos
 loss_fn = MoLEFlowLoss(cfg.tail_weight, cfg.tail_top_ratio, cfg.logdet_reg)
@@ -29,7 +32,13 @@ m.eval(); scores, maps = [], []
 with torch.no_grad():
     for i in range(0, len(te), 16):
         b = m.score_features(te[i:i+16]); scores.append(b.pred_score); maps.append(b.anomaly_map)
+    if os.environ.get("MOLEFLOW_TUNE_DUMP"):  # raw patch scores, for post-hoc scoring experiments
+        patch = torch.cat([m.patch_scores(te[i:i+16]) for i in range(0, len(te), 16)])
+        train_patch = torch.cat([m.patch_scores(tr[i:i+16]) for i in range(0, len(tr), 16)])
+        torch.save(dict(patch_scores=patch, train_patch_scores=train_patch, labels=d["labels"], masks=d["masks"]), os.environ["MOLEFLOW_TUNE_DUMP"])
 scores = torch.cat(scores); maps = torch.cat(maps)[:, 0]
-ia = binary_auroc(scores, d["labels"]).item(); pa = binary_auroc(maps.flatten(), d["masks"].flatten().long()).item()
-ap = binary_average_precision(maps.flatten(), d["masks"].flatten().long()).item()
+# rescaled to [0, 1] in float64: torchmetrics applies a sigmoid to scores outside [0, 1], which ties raw NLLs
+unit = lambda v: ((v - v.min()) / (v.max() - v.min())).double().flatten()
+ia = binary_auroc(unit(scores), d["labels"]).item(); pa = binary_auroc(unit(maps), d["masks"].flatten().long()).item()
+ap = binary_average_precision(unit(maps), d["masks"].flatten().long()).item()
 print(json.dumps(dict(cat=cat, ep=epochs, lr=lr, kw=kw, img=round(ia,4), pix=round(pa,4), ap=round(ap,4), loss=round(tot/ (len(tr)/16),3), train_s=round(ttrain,1))))

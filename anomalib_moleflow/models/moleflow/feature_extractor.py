@@ -48,7 +48,12 @@ class PatchFeatureExtractor(nn.Module):
         self.layer_channels = feature_channels(self.backbone)
         with torch.no_grad():
             maps = self.backbone(torch.zeros(1, 3, config.image_size, config.image_size))
-        self.grid_size: tuple[int, int] = tuple(maps[0].shape[-2:])  # type: ignore[assignment]
+        self.backbone_grid: tuple[int, int] = tuple(maps[0].shape[-2:])  # type: ignore[assignment]
+        step = config.grid_downsample
+        if self.backbone_grid[0] < step or self.backbone_grid[1] < step:
+            msg = f"MoLEFlowConfig.grid_downsample={step} exceeds the backbone grid {self.backbone_grid}"
+            raise ValueError(msg)
+        self.grid_size: tuple[int, int] = (-(-self.backbone_grid[0] // step), -(-self.backbone_grid[1] // step))
         if config.feature_dim is None:
             self.out_channels = sum(self.layer_channels)
         else:
@@ -73,8 +78,10 @@ class PatchFeatureExtractor(nn.Module):
         for fmap in maps:
             if k > 1:
                 fmap = F.avg_pool2d(fmap, k, stride=1, padding=k // 2, count_include_pad=False)
-            if fmap.shape[-2:] != self.grid_size:
-                fmap = F.interpolate(fmap, size=self.grid_size, mode="bilinear", align_corners=False)
+            if fmap.shape[-2:] != self.backbone_grid:
+                fmap = F.interpolate(fmap, size=self.backbone_grid, mode="bilinear", align_corners=False)
+            if self.config.grid_downsample > 1:
+                fmap = F.avg_pool2d(fmap, self.config.grid_downsample, ceil_mode=True)
             if self.config.feature_dim is not None:
                 # PatchCore-style channel pooling to a common width, then layers are averaged.
                 b, c, h, w = fmap.shape

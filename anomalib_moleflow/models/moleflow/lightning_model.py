@@ -73,6 +73,7 @@ class MoLEFlow(AnomalibModule):
             focal_gamma=config.focal_gamma,
         )
         self._feature_cache: dict[str, torch.Tensor] = {}
+        self._train_paths: dict[str, None] = {}  # ordered set: training images of this fit
 
     @staticmethod
     def configure_moleflow_pre_processor(config: MoLEFlowConfig) -> PreProcessor:
@@ -96,6 +97,39 @@ class MoLEFlow(AnomalibModule):
     def on_fit_start(self) -> None:
         """Features are cached per task: start each fit with an empty cache."""
         self._feature_cache.clear()
+        self._train_paths.clear()
+
+    def fit_global_score(self) -> None:
+        """Fit the active expert's global-score statistics on this fit's training images.
+
+        No-op unless ``config.global_score_weight > 0``. Uses the feature cache when every
+        training image is in it, otherwise one pass over the training dataloader.
+        """
+        key = self.model.active_task
+        if self.model.global_score is None or key is None or self._trainer is None:
+            return
+        from anomalib_moleflow.callbacks.router_fit import eval_mode, iter_train_features
+
+        with eval_mode(self):
+            if self._train_paths and all(p in self._feature_cache for p in self._train_paths):
+                paths = list(self._train_paths)
+                device = self.device
+                chunks = (
+                    torch.stack([self._feature_cache[p] for p in paths[i : i + 32]]).to(device)
+                    for i in range(0, len(paths), 32)
+                )
+                self.model.fit_global_score(key, chunks)
+            else:
+                self.model.fit_global_score(key, (f for _, f in iter_train_features(self.trainer, self)))
+
+    def on_validation_epoch_start(self) -> None:
+        """Inside fit, refresh the global-score statistics so validation scores are final-form."""
+        if self._trainer is not None and self.trainer.state.fn == "fit" and self._train_paths:
+            self.fit_global_score()
+
+    def on_train_end(self) -> None:
+        """Fit the global-score statistics of the trained expert."""
+        self.fit_global_score()
 
     # ----------------------------------------------------------------- steps
     def _cached_features(self, batch: Batch) -> torch.Tensor:
@@ -118,6 +152,8 @@ class MoLEFlow(AnomalibModule):
 
     def _train_features(self, batch: Batch) -> torch.Tensor:
         """Features of a training batch (cached per fit)."""
+        for path in getattr(batch, "image_path", None) or ():
+            self._train_paths[str(path)] = None
         return self._cached_features(batch)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

@@ -45,6 +45,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.task_bias = nn.ParameterDict()
         self.active_adapter: str | None = None
+        self._merged: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def in_features(self) -> int:
@@ -82,8 +83,33 @@ class LoRALinear(nn.Module):
             params.append(self.task_bias[key])
         return params
 
+    def merged_weights(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W + scaling * B A, b + bias_t)`` of expert ``key``, cached until a parameter changes.
+
+        Used when no gradient is needed (inference): one matrix product per patch instead of three.
+        """
+        tensors = [self.base.weight, self.base.bias]
+        if key in self.lora_A:
+            tensors += [self.lora_A[key].weight, self.lora_B[key].weight]
+        if key in self.task_bias:
+            tensors.append(self.task_bias[key])
+        stamp = (key, *((t.data_ptr(), t._version) for t in tensors))
+        if self._merged is None or self._merged[0] != stamp:
+            with torch.no_grad():
+                weight, bias = self.base.weight.clone(), self.base.bias.clone()
+                if key in self.lora_A:
+                    weight += self.scaling * (self.lora_B[key].weight @ self.lora_A[key].weight)
+                if key in self.task_bias:
+                    bias += self.task_bias[key]
+            self._merged = (stamp, weight, bias)
+        return self._merged[1], self._merged[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the base layer plus the active expert's low-rank update and bias."""
+        key = self.active_adapter
+        if key is not None and not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+            weight, bias = self.merged_weights(key)
+            return nn.functional.linear(x, weight, bias)
         y = self.base(x)
         key = self.active_adapter
         if key is not None:

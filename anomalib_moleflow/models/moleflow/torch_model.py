@@ -12,7 +12,7 @@ expert survives a checkpoint. In eval mode ``forward`` returns an ``InferenceBat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -27,6 +27,7 @@ from .context_modules import LightweightMSContext, SpatialMixer
 from .dia import DeepInvertibleAdapter
 from .feature_extractor import PatchFeatureExtractor
 from .flow import BaseFlow
+from .global_score import GlobalScoreFusion
 from .input_adapters import build_input_adapter
 from .loss import patch_nll
 from .normalization import TaskScoreNormalizer
@@ -57,6 +58,9 @@ class MoLEFlowModel(nn.Module):
         self.active_task: str | None = None
         self.router = _build_router(cfg)
         self.normalizer = TaskScoreNormalizer()
+        self.global_score = (
+            GlobalScoreFusion(self.channels, cfg.global_score_weight) if cfg.global_score_weight > 0 else None
+        )
         self.use_routing = True
         """Route each image to an expert when at least two routable experts exist."""
         self.normalize_scores = False
@@ -87,6 +91,8 @@ class MoLEFlowModel(nn.Module):
         if cfg.use_dia:
             self.dia[key] = DeepInvertibleAdapter(self.channels, cfg.dia_n_blocks, cfg.dia_hidden_ratio, cfg.dia_clamp)
         self.normalizer.ensure_task(key)
+        if self.global_score is not None:
+            self.global_score.add_task(key)
         if self.router is not None:
             self.router.ensure_tasks([*self.task_keys, key], channels=self.channels)
         device = next(self.flow.parameters()).device
@@ -183,11 +189,24 @@ class MoLEFlowModel(nn.Module):
 
     def score_features(self, features: torch.Tensor, key: str | None = None) -> InferenceBatch:
         """Raw image scores and anomaly maps of expert ``key`` from precomputed features."""
+        key = key or self.active_task
         scores = self.patch_scores(features, key)
-        return InferenceBatch(
-            pred_score=self.anomaly_map_generator.image_score(scores),
-            anomaly_map=self.anomaly_map_generator(scores),
-        )
+        pred_score = self.anomaly_map_generator.image_score(scores)
+        if self.global_score is not None:
+            pred_score = self.global_score(key, pred_score, pool_features(features))
+        return InferenceBatch(pred_score=pred_score, anomaly_map=self.anomaly_map_generator(scores))
+
+    @torch.no_grad()
+    def fit_global_score(self, key: str, train_features: Iterable[torch.Tensor]) -> None:
+        """Fit expert ``key``'s global-score fusion on its training features (no-op when off)."""
+        if self.global_score is None:
+            return
+        pooled, flow_scores = [], []
+        for features in train_features:
+            pooled.append(pool_features(features))
+            flow_scores.append(self.anomaly_map_generator.image_score(self.patch_scores(features, key)))
+        if pooled:
+            self.global_score.fit(key, torch.cat(pooled), torch.cat(flow_scores))
 
     # ----------------------------------------------------------------- routing
     @property

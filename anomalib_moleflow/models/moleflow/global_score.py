@@ -1,0 +1,110 @@
+"""Image-level fusion of the flow score with a global Gaussian score (beyond the notes).
+
+The flow scores patches; an object that is missing or misplaced as a whole can leave
+every patch plausible. A per-task Gaussian over globally pooled backbone features
+(mean, Ledoit-Wolf precision: the prototype router's statistics) catches those. Both
+scores are z-normalised with the task's own training images, then added:
+
+    score = z(flow top-k) + weight * z(squared Mahalanobis of pooled features)
+
+Measured on transistor (benchmarks/tuning/README.md): image AUROC 0.969 -> 0.99.
+"""
+
+from __future__ import annotations
+
+import torch
+from typing import Any
+
+from torch import nn
+
+from anomalib_moleflow.continual.routers import _gaussian_stats, _mahalanobis
+
+
+class _TaskGaussian(nn.Module):
+    """One task's statistics, as buffers so they live in the state dict."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("precision", torch.zeros(channels, channels))
+        self.register_buffer("stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))  # flow mu, sd; global mu, sd
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+
+class GlobalScoreFusion(nn.Module):
+    """Per-task fusion of flow image scores with a pooled-feature Mahalanobis score.
+
+    Args:
+        channels: Width of the pooled features.
+        weight: Weight of the global z-score (the flow z-score has weight 1).
+    """
+
+    def __init__(self, channels: int, weight: float) -> None:
+        super().__init__()
+        self.channels = channels
+        self.weight = weight
+        self.tasks = nn.ModuleDict()
+        self._fitted_keys: set[str] = set()  # python-side, so traced/exported graphs need no data-dependent test
+
+    def add_task(self, key: str) -> None:
+        """Create (unfitted) statistics for task ``key``."""
+        if key not in self.tasks:
+            self.tasks[key] = _TaskGaussian(self.channels).to(next(iter(self.buffers()), torch.zeros(())).device)
+
+    def fitted(self, key: str) -> bool:
+        """Whether task ``key`` has statistics."""
+        return key in self._fitted_keys and key in self.tasks
+
+    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+        """Create the tasks named in ``state_dict`` first; afterwards record which are fitted."""
+        head = prefix + "tasks."
+        keys = {n[len(head) : -len(".fitted")] for n in state_dict if n.startswith(head) and n.endswith(".fitted")}
+        for key in keys:
+            if "." not in key:
+                self.add_task(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        for key in keys:
+            if "." not in key:
+                if bool(state_dict[f"{head}{key}.fitted"]):
+                    self._fitted_keys.add(key)
+                else:
+                    self._fitted_keys.discard(key)
+
+    def global_score(self, key: str, pooled: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance ``(B,)`` of pooled features to task ``key``."""
+        state = self.tasks[key]
+        return _mahalanobis(pooled, state.mean, state.precision).square().to(pooled.dtype)
+
+    @torch.no_grad()
+    def fit(self, key: str, pooled: torch.Tensor, flow_scores: torch.Tensor) -> None:
+        """Fit task ``key`` from its training images' pooled features and flow image scores."""
+        if len(pooled) < 2:
+            msg = f"GlobalScoreFusion.fit needs at least 2 training images for task {key!r}, got {len(pooled)}"
+            raise ValueError(msg)
+        self.add_task(key)
+        state = self.tasks[key]
+        mean, precision = _gaussian_stats(pooled, ridge=1e-5)
+        state.mean.copy_(mean.to(state.mean))
+        state.precision.copy_(precision.to(state.precision))
+        global_scores = self.global_score(key, pooled).double()
+        flow_scores = flow_scores.double()
+        eps = 1e-6
+        state.stats.copy_(
+            torch.stack([
+                flow_scores.mean(),
+                flow_scores.std().clamp_min(eps),
+                global_scores.mean(),
+                global_scores.std().clamp_min(eps),
+            ]).to(state.stats)
+        )
+        state.fitted.fill_(True)
+        self._fitted_keys.add(key)
+
+    def forward(self, key: str, flow_scores: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Fused image scores ``(B,)``; the flow scores unchanged while ``key`` is unfitted."""
+        if not self.fitted(key):
+            return flow_scores
+        stats = self.tasks[key].stats.to(flow_scores.dtype)
+        z_flow = (flow_scores - stats[0]) / stats[1]
+        z_global = (self.global_score(key, pooled) - stats[2]) / stats[3]
+        return z_flow + self.weight * z_global

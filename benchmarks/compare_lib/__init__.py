@@ -1,0 +1,7 @@
+"""Helpers of ``benchmarks/compare.py``: MoLE-Flow against anomalib's PatchCore and FastFlow.
+
+``common``: the shared run spec, data, evaluation, timing and size measurements;
+``baselines``: anomalib PatchCore / FastFlow (same offline backbone) and their workers;
+``moleflow``: the MoLE-Flow continual run and the backbone-alone worker;
+``report``: targets, markdown and plots.
+"""

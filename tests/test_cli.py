@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from support import run_python
 from synthetic_mvtec import make_stream
 
 from anomalib_moleflow.cli import main
@@ -22,19 +21,7 @@ TASKS = ["red_stripes", "blue_checker"]
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """``python -m anomalib_moleflow ARGS`` in a fresh interpreter (offline, repo on the path)."""
-    env = dict(os.environ)
-    env["HF_HUB_OFFLINE"] = "1"
-    env["OMP_NUM_THREADS"] = "1"  # see test_continual_runner._one_torch_thread
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    return subprocess.run(
-        [sys.executable, "-m", "anomalib_moleflow", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    return run_python(["-m", "anomalib_moleflow", *args], cwd)
 
 
 def test_console_script_declared() -> None:

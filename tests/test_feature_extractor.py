@@ -23,7 +23,8 @@ LITE0_CHANNELS = (40, 112)
 
 
 def _extractor(**overrides: Any) -> PatchFeatureExtractor:  # noqa: ANN401
-    fields = {"backbone": "tf_efficientnet_lite0", "image_size": 64, "grid_downsample": 1, **overrides}
+    fields = {"backbone": "tf_efficientnet_lite0", "image_size": 64, "grid_downsample": 1, "global_score_weight": 0.0}
+    fields.update(overrides)
     return PatchFeatureExtractor(MoLEFlowConfig(**fields))
 
 
@@ -189,3 +190,20 @@ def test_grid_downsample_averages_the_backbone_grid() -> None:
 def test_grid_downsample_larger_than_the_grid_is_named() -> None:
     with pytest.raises(ValueError, match="grid_downsample"):
         _extractor(image_size=64, grid_downsample=16)
+
+
+def test_global_layers_append_pooled_deep_features() -> None:
+    plain = _extractor(image_size=64)
+    extractor = _extractor(image_size=64, global_score_weight=0.5, global_score_layers=(4,))
+    extractor.backbone.load_state_dict(plain.backbone.state_dict(), strict=False)
+    assert extractor.out_channels == 152 and extractor.global_channels == 320
+    assert extractor.total_channels == 472
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        features = extractor(images)
+        deep = extractor.backbone(images)[-1].mean(dim=(2, 3))
+        patch = plain(images)
+    assert features.shape == (2, 8, 8, 472)
+    assert torch.allclose(features[..., :152], patch, atol=1e-6)  # patch part unchanged
+    assert torch.equal(features[:, 3, 5, 152:], deep)  # the same pooled vector at every position
+    assert torch.equal(features[:, 0, 0, 152:], features[:, 7, 7, 152:])

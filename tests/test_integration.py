@@ -17,8 +17,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -34,25 +32,15 @@ from anomalib.engine import Engine
 import anomalib_moleflow
 from anomalib_moleflow import MoLEFlow
 from anomalib_moleflow.data import MVTecADLocal
+from support import quiet_engine, run_python
 
 REPO_ROOT = Path(anomalib_moleflow.__file__).resolve().parents[1]
 BOTTLE = Path(os.environ.get("MOLEFLOW_BOTTLE_DIR", REPO_ROOT.parent / "shared" / "data" / "mvtec_ad" / "bottle"))
-if not BOTTLE.is_dir():
-    BOTTLE = Path("/work/shared/data/mvtec_ad/bottle")
 METRICS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score")
 N_TEST = 8  # 4 good + 4 defect widget test images
 SIZE = 64
 
 
-def _engine(root: Path, max_epochs: int) -> Engine:
-    return Engine(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-    )
 
 
 def _assert_finite_metrics(metrics: Mapping[str, float]) -> None:
@@ -88,7 +76,7 @@ def widget_run(tiny_config: Mapping[str, Any], widget_root: Path, tmp_path_facto
     datamodule = MVTecADLocal(
         root=widget_root, category="widget", train_batch_size=4, eval_batch_size=4, num_workers=0,
     )
-    engine = _engine(root, max_epochs=2)
+    engine = quiet_engine(root, max_epochs=2)
     results = engine.train(model, datamodule=datamodule)
     assert results is not None and len(results) == 1
     return TrainedRun(engine, model, datamodule, dict(results[0]), root)
@@ -251,7 +239,7 @@ def test_real_bottle_images(tiny_config: Mapping[str, Any], tmp_path: Path) -> N
     torch.manual_seed(0)
     model = MoLEFlow(config=dict(tiny_config))
     datamodule = MVTecADLocal(root=root, category="bottle", train_batch_size=8, eval_batch_size=8, num_workers=0)
-    results = _engine(tmp_path / "results", max_epochs=2).train(model, datamodule=datamodule)
+    results = quiet_engine(tmp_path / "results", max_epochs=2).train(model, datamodule=datamodule)
     assert results is not None
     _assert_finite_metrics(results[0])
     _assert_post_processor_fitted(model)
@@ -269,19 +257,7 @@ _TINY_MODEL_ARGS = (
 
 
 def _run_cli(args: list[str], cwd: Path) -> str:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["HF_HUB_OFFLINE"] = "1"
-    env.setdefault("COLUMNS", "200")
-    completed = subprocess.run(  # noqa: S603 - our own interpreter and arguments
-        [sys.executable, *_CLI, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    completed = run_python([*_CLI, *args], cwd)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-5000:]
     return output

@@ -15,25 +15,16 @@ from typing import Any
 import pytest
 import torch
 from anomalib import LearningType
-from anomalib.engine import Engine
 from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_moleflow import MoLEFlow, MoLEFlowConfig
 from anomalib_moleflow.data import MVTecADLocal
+from support import quiet_engine, same_bits
 
 N_TRAIN = 12  # training images of the widget category (see conftest.make_widget_dataset)
 
 
-def _engine(root: Path, max_epochs: int) -> Engine:
-    return Engine(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-    )
 
 
 def _datamodule(widget_root: Path) -> MVTecADLocal:
@@ -53,14 +44,6 @@ def _is_plain(value: Any) -> bool:  # noqa: ANN401
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``torch.equal`` that treats NaN as equal to NaN (unfitted statistics are NaN)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.is_floating_point():
-        nan = a.isnan()
-        return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
-    return torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- construction
@@ -155,9 +138,9 @@ def test_checkpoint_round_trip_with_two_tasks(
     torch.manual_seed(0)
     model = MoLEFlow(config=dict(tiny_config))
     datamodule = _datamodule(widget_root)
-    _engine(tmp_path / "task0", max_epochs=1).fit(model, datamodule=datamodule)
+    quiet_engine(tmp_path / "task0", max_epochs=1).fit(model, datamodule=datamodule)
     model.add_task()
-    engine = _engine(tmp_path / "task1", max_epochs=1)  # a fresh Engine per task
+    engine = quiet_engine(tmp_path / "task1", max_epochs=1)  # a fresh Engine per task
     engine.fit(model, datamodule=datamodule)
     assert model.model.task_keys == ["0", "1"]
 
@@ -175,7 +158,7 @@ def test_checkpoint_round_trip_with_two_tasks(
     loaded_state = loaded.state_dict()
     assert set(loaded_state) == set(expected_state)
     for name, value in expected_state.items():
-        assert _same_bits(loaded_state[name], value), name
+        assert same_bits(loaded_state[name], value), name
 
     model.eval()
     loaded.eval()
@@ -228,15 +211,16 @@ def test_feature_cache_runs_the_backbone_once_per_image_and_fit(
     model = MoLEFlow(config={**tiny_config, "cache_features": True})
     calls = _count_backbone_images(model)
     datamodule = _datamodule(widget_root)
-    _engine(tmp_path / "a", max_epochs=2).fit(model, datamodule=datamodule)
+    quiet_engine(tmp_path / "a", max_epochs=2).fit(model, datamodule=datamodule)
     assert _training_images(calls) == N_TRAIN  # not N_TRAIN per epoch
     # training and (in-fit) validation images are each cached once
     assert len(model._feature_cache) == N_TRAIN + len(datamodule.val_data)
-    assert all(f.shape == (8, 8, 152) and not f.requires_grad for f in model._feature_cache.values())
+    channels = model.model.feature_extractor.total_channels  # 152 patch + pooled global channels
+    assert all(f.shape == (8, 8, channels) and not f.requires_grad for f in model._feature_cache.values())
     # a new task starts a new fit with an empty cache: its features are computed again, once
     calls.clear()
     model.add_task()
-    _engine(tmp_path / "b", max_epochs=2).fit(model, datamodule=datamodule)
+    quiet_engine(tmp_path / "b", max_epochs=2).fit(model, datamodule=datamodule)
     assert _training_images(calls) == N_TRAIN
 
 
@@ -245,7 +229,7 @@ def test_without_cache_the_backbone_runs_every_epoch(
 ) -> None:
     model = MoLEFlow(config={**tiny_config, "cache_features": False})
     calls = _count_backbone_images(model)
-    _engine(tmp_path, max_epochs=2).fit(model, datamodule=_datamodule(widget_root))
+    quiet_engine(tmp_path, max_epochs=2).fit(model, datamodule=_datamodule(widget_root))
     assert _training_images(calls) == 2 * N_TRAIN
     assert not model._feature_cache
 
@@ -254,7 +238,7 @@ def test_global_score_is_fitted_on_the_training_images(
     tiny_config: Mapping[str, Any], widget_root: Path, tmp_path: Path,
 ) -> None:
     model = MoLEFlow(config={**tiny_config, "global_score_weight": 0.5})
-    _engine(tmp_path, max_epochs=1).fit(model, datamodule=_datamodule(widget_root))
+    quiet_engine(tmp_path, max_epochs=1).fit(model, datamodule=_datamodule(widget_root))
     fusion = model.model.global_score
     assert fusion is not None and fusion.fitted("0")
     assert len(model._train_paths) == N_TRAIN

@@ -194,5 +194,5 @@ def test_lightning_fit_stores_bases_and_router_in_the_checkpoint(tmp_path: Path)
     fresh.model.router = PrototypeRouter()
     fresh.load_state_dict(checkpoint["state_dict"])
     assert fresh.model.router.task_keys == ["0"]
-    pooled = torch.randn(3, fresh.model.channels)
+    pooled = torch.randn(3, fresh.model.feature_extractor.total_channels)
     assert torch.equal(fresh.model.router.distances(pooled), module.model.router.distances(pooled))

@@ -228,7 +228,7 @@ def test_router_fit_callback_fits_each_task_on_preprocessed_images() -> None:
         expected = pool_features(module.model.extract_features(module.pre_processor.transform(raw)))
         unprocessed = pool_features(module.model.extract_features(raw))
     assert not torch.allclose(unprocessed, expected, atol=1e-3)  # pre-processing matters here
-    assert fitted[0][1].shape == (10, module.model.channels)
+    assert fitted[0][1].shape == (10, module.model.feature_extractor.total_channels)
     assert torch.allclose(fitted[0][1], expected, atol=1e-5)
     with torch.no_grad():
         fresh = torch.cat([_Images(5, 7, 0.0).images, _Images(5, 8, 0.5).images])

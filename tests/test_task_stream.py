@@ -89,7 +89,7 @@ def test_configs_parse(name: str) -> None:
     expected = {"mvtec_real": ["bottle", "transistor"], "mvtec15_original": list(MVTEC_ORIGINAL_ORDER),
                 "mvtec15_alphabetical": list(MVTEC_ALPHABETICAL_ORDER)}[name]  # fmt: skip
     assert stream.names == expected
-    assert config["trainer"]["max_epochs"] == 8
+    assert config["trainer"]["max_epochs"] == 16 and config["trainer"]["later_task_epochs"] == 32
     assert config["run"]["output_dir"] == f"results/continual/{name}"
 
 

@@ -185,6 +185,28 @@ def run_per_task(spec: Spec, which: str) -> dict[str, Any]:
     return out
 
 
+def _sequential_summary(
+    name: str, kind: str, model: AnomalibModule, results: ContinualResults, train_s: dict[str, float], spec: Spec,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Figures of a model evaluated on every seen task after each task (matrix, forgetting, costs)."""
+    data = results.to_dict()
+    final = {task: {key: data["final"][task][key] for key in METRICS} for task in spec.tasks}
+    out = _summary(name, kind, final, train_s)
+    out.update(speed(_predict(model), timing_batch(model, spec.stream()), spec))
+    out.update({
+        "forgetting": {key: data["forgetting"][key] for key in METRICS},
+        "matrix": {key: data["matrix"][key] for key in METRICS},
+        "params_total": numel(model.model),
+        "params_added_per_task": 0,
+        "state_numel_total": numel(model.model, buffers=True),
+        "model_file_bytes": saved_bytes(model.model.state_dict()),
+        **extra,
+    })
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
 def run_fastflow_sequential(spec: Spec) -> dict[str, Any]:
     """One FastFlow fine-tuned task after task; every seen task evaluated after each (forgetting)."""
     stream, results, train_s = spec.stream(), ContinualResults(spec.tasks), {}
@@ -194,22 +216,8 @@ def run_fastflow_sequential(spec: Spec) -> dict[str, Any]:
         train_s[name] = train_fastflow(model, spec, task, spec.epochs[task])
         for seen in range(task + 1):
             results.record(task, seen, evaluate(model, _predict(model), stream, seen))
-    data = results.to_dict()
-    final = {name: {key: data["final"][name][key] for key in METRICS} for name in spec.tasks}
-    out = _summary("fastflow_seq", "sequential", final, train_s)
-    out.update(speed(_predict(model), timing_batch(model, stream), spec))
-    out.update({
-        "forgetting": {key: data["forgetting"][key] for key in METRICS},
-        "matrix": {key: data["matrix"][key] for key in METRICS},
-        "params_total": numel(model.model),
-        "params_added_per_task": 0,
-        "state_numel_total": numel(model.model, buffers=True),
-        "state_numel_added_per_task": 0,
-        "model_file_bytes": saved_bytes(model.model.state_dict()),
-        "settings": _settings(spec, "fastflow"),
-    })
-    out["peak_rss_mib"] = peak_rss_mib()
-    return out
+    extra = {"state_numel_added_per_task": 0, "settings": _settings(spec, "fastflow")}
+    return _sequential_summary("fastflow_seq", "sequential", model, results, train_s, spec, extra)
 
 
 def _banks_path(spec: Spec) -> Path:
@@ -248,24 +256,12 @@ def run_patchcore_joint(spec: Spec) -> dict[str, Any]:
         model.model.eval()
         for seen in range(task + 1):
             results.record(task, seen, evaluate(model, _predict(model), stream, seen))
-    data = results.to_dict()
-    final = {name: {key: data["final"][name][key] for key in METRICS} for name in spec.tasks}
-    out = _summary("patchcore_joint", "task_free", final, train_s)
-    out.update(speed(_predict(model), timing_batch(model, stream), spec))
-    bank = int(model.model.memory_bank.numel())
-    out.update({
-        "forgetting": {key: data["forgetting"][key] for key in METRICS},
-        "matrix": {key: data["matrix"][key] for key in METRICS},
-        "params_total": numel(model.model),
-        "params_added_per_task": 0,
-        "state_numel_total": numel(model.model, buffers=True),
-        "state_numel_added_per_task": bank / len(spec.tasks),
-        "model_file_bytes": saved_bytes(model.model.state_dict()),
+    extra = {
+        "state_numel_added_per_task": int(model.model.memory_bank.numel()) / len(spec.tasks),
         "memory_bank_rows": int(model.model.memory_bank.shape[0]),
         "settings": _settings(spec, "patchcore"),
-    })
-    out["peak_rss_mib"] = peak_rss_mib()
-    return out
+    }
+    return _sequential_summary("patchcore_joint", "task_free", model, results, train_s, spec, extra)
 
 
 def _settings(spec: Spec, which: str) -> dict[str, Any]:

@@ -42,6 +42,6 @@ def load(cat):
             d[k] = torch.nn.functional.avg_pool2d(d[k].permute(0, 3, 1, 2), cfg.grid_downsample, ceil_mode=True).permute(0, 2, 3, 1).contiguous()
     return d
 b = load("bottle"); t = load("transistor")
-m.add_task(); train("0", b["train"] + pos, 8)
+m.add_task(); train("0", b["train"] + pos, int(os.environ.get("TUNE_EP0", "8")))
 m.add_task(); train("1", t["train"] + pos, ep1)
 print(json.dumps(dict(ep1=ep1, kw=kw, bottle=evaluate("0", b), transistor=evaluate("1", t))))

@@ -28,27 +28,38 @@ def sinusoidal_position_embedding_2d(height: int, width: int, channels: int) -> 
 
 
 class PatchFeatureExtractor(nn.Module):
-    """Images ``(B, 3, S, S)`` to patch features ``(B, H, W, C)`` on the finest chosen stage's grid.
+    """Images ``(B, 3, S, S)`` to patch features ``(B, H, W, C + G)`` on the finest chosen stage's grid.
 
+    The first ``out_channels`` (C) channels are the patch features the flow models. When the
+    global score reads deeper stages (``config.global_score_layers``), their globally pooled
+    maps follow as ``global_channels`` (G) more channels, the same at every grid position,
+    so a cached feature tensor carries everything an image is scored and routed with.
     The backbone is frozen and always stays in eval mode.
     """
 
     def __init__(self, config: MoLEFlowConfig) -> None:
         super().__init__()
         self.config = config
+        self.global_layers = tuple(config.global_score_layers) if config.global_score_weight > 0 else ()
+        out_indices = tuple(sorted(set(config.layers) | set(self.global_layers)))
         self.backbone = create_feature_extractor(
             config.backbone,
-            out_indices=config.layers,
+            out_indices=out_indices,
             pretrained=config.pre_trained,
             img_size=config.image_size,
         )
         for param in self.backbone.parameters():
             param.requires_grad_(False)
         self.backbone.eval()
-        self.layer_channels = feature_channels(self.backbone)
+        position = {index: n for n, index in enumerate(out_indices)}
+        self._patch_maps = [position[i] for i in config.layers]
+        self._global_maps = [position[i] for i in self.global_layers]
+        all_channels = feature_channels(self.backbone)
+        self.layer_channels = [all_channels[n] for n in self._patch_maps]
+        self.global_channels = sum(all_channels[n] for n in self._global_maps)
         with torch.no_grad():
             maps = self.backbone(torch.zeros(1, 3, config.image_size, config.image_size))
-        self.backbone_grid: tuple[int, int] = tuple(maps[0].shape[-2:])  # type: ignore[assignment]
+        self.backbone_grid: tuple[int, int] = tuple(maps[self._patch_maps[0]].shape[-2:])  # type: ignore[assignment]
         step = config.grid_downsample
         if self.backbone_grid[0] < step or self.backbone_grid[1] < step:
             msg = f"MoLEFlowConfig.grid_downsample={step} exceeds the backbone grid {self.backbone_grid}"
@@ -63,6 +74,11 @@ class PatchFeatureExtractor(nn.Module):
         pos = sinusoidal_position_embedding_2d(*self.grid_size, self.out_channels)
         self.register_buffer("position_embedding", pos[None], persistent=False)
 
+    @property
+    def total_channels(self) -> int:
+        """Channels of the returned tensor: patch channels plus pooled global channels."""
+        return self.out_channels + self.global_channels
+
     def train(self, mode: bool = True) -> PatchFeatureExtractor:
         """Keep the frozen backbone in eval mode whatever the parent does."""
         super().train(mode)
@@ -71,8 +87,9 @@ class PatchFeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Return ``(B, H, W, C)`` patch features (position embedding added if enabled)."""
-        maps = self.backbone(images)
+        """Return ``(B, H, W, C + G)`` features (position embedding added to the C patch channels)."""
+        all_maps = self.backbone(images)
+        maps = [all_maps[n] for n in self._patch_maps]
         k = self.config.feature_aggregation_kernel
         out = []
         for fmap in maps:
@@ -97,4 +114,7 @@ class PatchFeatureExtractor(nn.Module):
             features = F.pad(features, (0, self.out_channels - features.shape[-1]))
         if self.config.use_position_embedding:
             features = features + self.position_embedding.to(features.dtype)
+        if self._global_maps:
+            pooled = torch.cat([all_maps[n].mean(dim=(2, 3)) for n in self._global_maps], dim=1)
+            features = torch.cat([features, pooled[:, None, None, :].expand(*features.shape[:3], -1)], dim=-1)
         return features.contiguous()

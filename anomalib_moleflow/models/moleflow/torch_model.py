@@ -46,6 +46,7 @@ class MoLEFlowModel(nn.Module):
         cfg = self.config
         self.feature_extractor = PatchFeatureExtractor(cfg)
         self.channels = self.feature_extractor.out_channels
+        """Patch channels the flow models (the features may carry pooled global channels after them)."""
         self.grid_size = self.feature_extractor.grid_size
         self.input_adapters = nn.ModuleDict()
         self.spatial_mixer = SpatialMixer(self.channels, cfg.spatial_mixer_kernel) if cfg.use_spatial_mixer else None
@@ -59,7 +60,9 @@ class MoLEFlowModel(nn.Module):
         self.router = _build_router(cfg)
         self.normalizer = TaskScoreNormalizer()
         self.global_score = (
-            GlobalScoreFusion(self.channels, cfg.global_score_weight) if cfg.global_score_weight > 0 else None
+            GlobalScoreFusion(self._global_input_channels(), cfg.global_score_weight)
+            if cfg.global_score_weight > 0
+            else None
         )
         self.use_routing = True
         """Route each image to an expert when at least two routable experts exist."""
@@ -94,7 +97,7 @@ class MoLEFlowModel(nn.Module):
         if self.global_score is not None:
             self.global_score.add_task(key)
         if self.router is not None:
-            self.router.ensure_tasks([*self.task_keys, key], channels=self.channels)
+            self.router.ensure_tasks([*self.task_keys, key], channels=self.feature_extractor.total_channels)
         device = next(self.flow.parameters()).device
         self.to(device)
         self.task_keys.append(key)
@@ -169,7 +172,7 @@ class MoLEFlowModel(nn.Module):
             raise RuntimeError(msg)
         if key != self.active_task:
             self.set_task(key)
-        x = features
+        x = features[..., : self.channels] if features.shape[-1] > self.channels else features
         if key in self.input_adapters:
             x = self.input_adapters[key](x)
         if self.spatial_mixer is not None:
@@ -193,8 +196,18 @@ class MoLEFlowModel(nn.Module):
         scores = self.patch_scores(features, key)
         pred_score = self.anomaly_map_generator.image_score(scores)
         if self.global_score is not None:
-            pred_score = self.global_score(key, pred_score, pool_features(features))
+            pred_score = self.global_score(key, pred_score, self._global_input(features))
         return InferenceBatch(pred_score=pred_score, anomaly_map=self.anomaly_map_generator(scores))
+
+    def _global_input_channels(self) -> int:
+        extractor = self.feature_extractor
+        return extractor.global_channels or extractor.out_channels
+
+    def _global_input(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, G)`` input of the global score: the pooled deep stages, else the pooled patch features."""
+        if self.feature_extractor.global_channels:
+            return features[:, 0, 0, self.channels :]
+        return pool_features(features[..., : self.channels])
 
     @torch.no_grad()
     def fit_global_score(self, key: str, train_features: Iterable[torch.Tensor]) -> None:
@@ -203,7 +216,7 @@ class MoLEFlowModel(nn.Module):
             return
         pooled, flow_scores = [], []
         for features in train_features:
-            pooled.append(pool_features(features))
+            pooled.append(self._global_input(features))
             flow_scores.append(self.anomaly_map_generator.image_score(self.patch_scores(features, key)))
         if pooled:
             self.global_score.fit(key, torch.cat(pooled), torch.cat(flow_scores))

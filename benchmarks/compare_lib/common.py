@@ -99,16 +99,8 @@ def evaluate(model: nn.Module, predict: Callable[[torch.Tensor], Any], stream: T
         if mask is not None:
             masks.append(mask)
     mask_t = torch.cat(masks) if masks else None
-    return _metrics(_unit(torch.cat(scores)), _unit(torch.cat(maps)), torch.cat(labels), mask_t)
-
-
-def _unit(values: torch.Tensor) -> torch.Tensor:
-    """Min-max to ``[0, 1]`` in float64: ranks (so AUROC / AP) are unchanged, but torchmetrics no
-    longer applies a sigmoid to scores outside ``[0, 1]`` (which saturates PatchCore's distances
-    of ~50 to a constant 1.0 in float32 and gave image AUROC 0.5)."""
-    values = values.double()
-    low, high = values.min(), values.max()
-    return (values - low) / (high - low) if high > low else torch.zeros_like(values)
+    # _metrics rescales raw scores itself (no torchmetrics sigmoid on PatchCore's distances)
+    return _metrics(torch.cat(scores), torch.cat(maps), torch.cat(labels), mask_t)
 
 
 def _size(model: nn.Module) -> tuple[int, int]:

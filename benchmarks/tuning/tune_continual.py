@@ -3,7 +3,7 @@
     python benchmarks/tuning/tune_continual.py 16 '{}'     # task-1 epochs, config overrides
 """
 import torch, sys, math, json, os
-from torchmetrics.functional.classification import binary_auroc
+from anomalib_moleflow.continual.evaluation import _metrics
 from anomalib_moleflow import MoLEFlowConfig, MoLEFlowModel
 from anomalib_moleflow.models.moleflow.loss import MoLEFlowLoss
 CACHE = os.environ.get("MOLEFLOW_TUNE_CACHE", "results/tuning")
@@ -34,7 +34,8 @@ def evaluate(key, d):
                 x = d[split] + pos
                 dump[f"{split}_patch_scores"] = torch.cat([m.patch_scores(x[i:i+16], key) for i in range(0, len(x), 16)])
         torch.save(dump, f"{os.environ['MOLEFLOW_TUNE_DUMP']}_{key}.pt")
-    return round(binary_auroc((s - s.min()).double() / (s.max() - s.min()), d["labels"]).item(), 4), round(binary_auroc(((a - a.min()) / (a.max() - a.min())).flatten().double(), d["masks"].flatten().long()).item(), 4)
+    res = _metrics(s, a, d["labels"], d["masks"].bool())  # the continual evaluation's exact metrics
+    return round(res["image_AUROC"], 4), round(res["pixel_AUROC"], 4)
 def load(cat):
     d = torch.load(os.path.join(CACHE, f"feats_{cat}_{cfg.backbone}_{cfg.image_size}{'' if cfg.feature_aggregation_kernel == 3 else f'_agg{cfg.feature_aggregation_kernel}'}.pt"))
     if cfg.grid_downsample > 1:  # cached features are on the backbone grid: pool them as the extractor would

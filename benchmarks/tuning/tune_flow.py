@@ -3,7 +3,7 @@
     python benchmarks/tuning/tune_flow.py transistor 8 '{"lr": 2e-3}'
 """
 import torch, sys, time, math, json, os
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+from anomalib_moleflow.continual.evaluation import _metrics
 from anomalib_moleflow import MoLEFlowConfig, MoLEFlowModel
 from anomalib_moleflow.models.moleflow.loss import MoLEFlowLoss
 cat = sys.argv[1]; epochs = int(sys.argv[2]); kw = eval(sys.argv[3]) if len(sys.argv) > 3 else {}
@@ -37,8 +37,7 @@ with torch.no_grad():
         train_patch = torch.cat([m.patch_scores(tr[i:i+16]) for i in range(0, len(tr), 16)])
         torch.save(dict(patch_scores=patch, train_patch_scores=train_patch, labels=d["labels"], masks=d["masks"]), os.environ["MOLEFLOW_TUNE_DUMP"])
 scores = torch.cat(scores); maps = torch.cat(maps)[:, 0]
-# rescaled to [0, 1] in float64: torchmetrics applies a sigmoid to scores outside [0, 1], which ties raw NLLs
-unit = lambda v: ((v - v.min()) / (v.max() - v.min())).double().flatten()
-ia = binary_auroc(unit(scores), d["labels"]).item(); pa = binary_auroc(unit(maps), d["masks"].flatten().long()).item()
-ap = binary_average_precision(unit(maps), d["masks"].flatten().long()).item()
+# the continual evaluation's metrics (rescaled to [0, 1] in float64: no torchmetrics sigmoid on raw NLLs)
+res = _metrics(scores, maps, d["labels"], d["masks"].bool())
+ia, pa, ap = res["image_AUROC"], res["pixel_AUROC"], res["pixel_AP"]
 print(json.dumps(dict(cat=cat, ep=epochs, lr=lr, kw=kw, img=round(ia,4), pix=round(pa,4), ap=round(ap,4), loss=round(tot/ (len(tr)/16),3), train_s=round(ttrain,1))))

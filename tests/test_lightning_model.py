@@ -234,7 +234,7 @@ def test_without_cache_the_backbone_runs_every_epoch(
     assert not model._feature_cache
 
 
-def test_global_score_is_fitted_on_the_training_images(
+def test_scoring_statistics_are_fitted_on_the_training_images(
     tiny_config: Mapping[str, Any], widget_root: Path, tmp_path: Path,
 ) -> None:
     model = MoLEFlow(config={**tiny_config, "global_score_weight": 0.5})
@@ -248,3 +248,8 @@ def test_global_score_is_fitted_on_the_training_images(
         scores = model.model.score_features(train, "0").pred_score
     # z-normalised on exactly these images: the fused training scores average to zero
     assert abs(float(scores.mean())) < 1e-3
+    gaussian = model.model.position_gaussian
+    assert gaussian is not None and gaussian.fitted("0")
+    with torch.no_grad():
+        expected = model.model.patch_scores(train, "0") + gaussian("0", train)  # default weight 1
+        torch.testing.assert_close(model.model.map_scores(train, "0"), expected)

@@ -337,3 +337,19 @@ def test_v4_context_training_does_change_task0(make_model: ModelFactory, feature
     _train(model, "1", features, steps=4)
     after = _scores(model, features, "0")
     assert not torch.equal(after.pred_score, before.pred_score)
+
+
+# ----------------------------------------------------------------------------- position Gaussian
+@torch.no_grad()
+def test_map_scores_add_the_weighted_position_gaussian_once_fitted(make_model: ModelFactory, features: torch.Tensor) -> None:
+    model = make_model(position_gaussian_weight=0.5)
+    key = model.active_task
+    model.eval()
+    flow_only = model.patch_scores(features, key)
+    assert torch.equal(model.map_scores(features, key), flow_only)  # unfitted: the notes' flow NLL
+    model.fit_scoring_statistics(key, [features[:2], features[2:]])
+    gaussian = model.position_gaussian(key, features)
+    assert float(gaussian.min()) > 0
+    torch.testing.assert_close(model.map_scores(features, key), flow_only + 0.5 * gaussian)
+    assert torch.equal(model.score_features(features, key).anomaly_map, model.anomaly_map_generator(flow_only + 0.5 * gaussian))
+    assert make_model(position_gaussian_weight=0.0).position_gaussian is None

@@ -35,14 +35,20 @@ def final_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-def params_per_task(config: MoLEFlowConfig, n_tasks: int) -> list[int]:
-    """Parameter counts of a fresh MoLE-Flow after 0, 1, ..., ``n_tasks`` experts."""
+def params_per_task(config: MoLEFlowConfig, n_tasks: int, buffers: bool = False) -> list[int]:
+    """Parameter counts (with ``buffers``: stored numbers, e.g. the per-task router, global-score
+    and position-Gaussian statistics) of a fresh MoLE-Flow after 0, 1, ..., ``n_tasks`` experts."""
     model = build_model(config)
-    counts = [numel(model.model)]
+    counts = [numel(model.model, buffers)]
     for _ in range(n_tasks):
         model.add_task()
-        counts.append(numel(model.model))
+        counts.append(numel(model.model, buffers))
     return counts
+
+
+def _added_per_task(counts: list[int]) -> float:
+    """Later tasks add one expert each (the first task also creates the shared flow)."""
+    return (counts[-1] - counts[1]) / (len(counts) - 2) if len(counts) > 2 else counts[1] - counts[0]
 
 
 def run_moleflow(spec: Spec) -> dict[str, Any]:
@@ -60,6 +66,7 @@ def run_moleflow(spec: Spec) -> dict[str, Any]:
         name: {key: metrics["final"][name][key] for key in (*METRICS, "routing_accuracy")} for name in metrics["tasks"]
     }
     counts = params_per_task(model.config, len(spec.tasks))
+    stored = params_per_task(model.config, len(spec.tasks), buffers=True)
     extractor = getattr(torch_model.feature_extractor, "backbone", None)
     backbone = numel(extractor) if extractor is not None else None
     out: dict[str, Any] = {
@@ -76,15 +83,14 @@ def run_moleflow(spec: Spec) -> dict[str, Any]:
         "params_backbone": backbone,
         "params_per_task_count": counts,
         "params_added_first_task": counts[1] - counts[0],
-        # later tasks add one expert each (the first task also creates the shared flow)
-        "params_added_per_task": (counts[-1] - counts[1]) / (len(counts) - 2) if len(counts) > 2 else counts[1] - counts[0],
+        "params_added_per_task": _added_per_task(counts),
+        "state_numel_added_per_task": _added_per_task(stored),
         "state_numel_total": numel(torch_model, buffers=True),
         "model_file_bytes": saved_bytes(model.state_dict()),
         "checkpoint_bytes": ckpt.stat().st_size,
         "peak_rss_mib_train": train_peak,
         "settings": {"continual_command": "python " + " ".join(spec.moleflow_cmd), "checkpoint": str(ckpt)},
     }
-    out["state_numel_added_per_task"] = out["params_added_per_task"]
     out["peak_rss_mib"] = peak_rss_mib()
     return out
 

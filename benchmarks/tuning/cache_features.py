@@ -10,7 +10,7 @@ size = int(sys.argv[1]) if len(sys.argv) > 1 else 256
 backbone = sys.argv[2] if len(sys.argv) > 2 else "tf_efficientnet_lite0"
 agg = int(os.environ.get("MOLEFLOW_TUNE_AGG", "3"))  # feature_aggregation_kernel of the cached features
 suffix = "" if agg == 3 else f"_agg{agg}"
-cfg = MoLEFlowConfig(image_size=size, backbone=backbone, use_position_embedding=False, feature_aggregation_kernel=agg, grid_downsample=1)
+cfg = MoLEFlowConfig(image_size=size, backbone=backbone, use_position_embedding=False, feature_aggregation_kernel=agg, grid_downsample=1, global_score_weight=0.0)
 m = MoLEFlowModel(cfg).eval()
 mean, std = backbone_normalization(backbone)
 mean = torch.tensor(mean)[:, None, None]; std = torch.tensor(std)[:, None, None]

@@ -67,6 +67,9 @@ class MoLEFlowConfig:
     use_context: bool = True
     """Context branch inside each subnet: depthwise conv over the patch grid (V4.1)."""
     context_kernel: int = 5
+    """Public code: 5; the notes' ``scale_context_kernel``: 3. With 3, bottle's flow-only pixel AUROC
+    rose (0.970 -> 0.975) but transistor's image AUROC fell in the full continual run (0.992 -> 0.988,
+    benchmarks/tuning/README.md), so 5 stays."""
     context_init_scale: float = 0.1
     context_max_alpha: float = 0.2
     use_context_gate: bool = False
@@ -131,6 +134,14 @@ class MoLEFlowConfig:
     images (:mod:`.global_score`); 0 keeps the notes' flow-only image score. With 0.5 and the
     stride-32 stage, transistor-after-bottle image AUROC rose from 0.968 to 0.993 (post-hoc,
     benchmarks/tuning/README.md)."""
+    position_gaussian_weight: float = 1.0
+    """Beyond the notes: the anomaly map scores each patch by the flow NLL plus this weight times
+    the patch's NLL under the task's position-conditional Gaussian (per-position mean, one shared
+    shrunk covariance; :mod:`.position_gaussian`); the image score stays on the flow NLL. 0 keeps
+    the notes' flow-only map. Continual bottle -> transistor pixel AUROC 0.9700 / 0.9742 -> 0.9736 /
+    0.9810 (benchmarks/results/continual_real.md; post-hoc figures in benchmarks/tuning/README.md)."""
+    position_gaussian_shrinkage: float = 0.1
+    """Added to the Gaussian's covariance diagonal, as a fraction of its mean variance."""
     anomaly_map_sigma: float = 4.0
 
     # --- optimisation -----------------------------------------------------------------
@@ -177,6 +188,12 @@ class MoLEFlowConfig:
         low, high = self.whitening_gamma_range
         if not 0 < low < 1 < high:
             msg = f"MoLEFlowConfig.whitening_gamma_range must satisfy 0 < low < 1 < high, got {(low, high)}"
+            raise ValueError(msg)
+        if self.position_gaussian_weight < 0:
+            msg = f"MoLEFlowConfig.position_gaussian_weight must be >= 0, got {self.position_gaussian_weight}"
+            raise ValueError(msg)
+        if self.position_gaussian_shrinkage < 0:
+            msg = f"MoLEFlowConfig.position_gaussian_shrinkage must be >= 0, got {self.position_gaussian_shrinkage}"
             raise ValueError(msg)
         if self.global_score_weight < 0:
             msg = f"MoLEFlowConfig.global_score_weight must be >= 0, got {self.global_score_weight}"

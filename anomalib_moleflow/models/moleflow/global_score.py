@@ -13,11 +13,11 @@ Measured on transistor (benchmarks/tuning/README.md): image AUROC 0.969 -> 0.99.
 from __future__ import annotations
 
 import torch
-from typing import Any
-
 from torch import nn
 
 from anomalib_moleflow.continual.routers import _gaussian_stats, _mahalanobis
+
+from .task_statistics import PerTaskStatistics
 
 
 class _TaskGaussian(nn.Module):
@@ -31,7 +31,7 @@ class _TaskGaussian(nn.Module):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
 
-class GlobalScoreFusion(nn.Module):
+class GlobalScoreFusion(PerTaskStatistics):
     """Per-task fusion of flow image scores with a pooled-feature Mahalanobis score.
 
     Args:
@@ -43,32 +43,9 @@ class GlobalScoreFusion(nn.Module):
         super().__init__()
         self.channels = channels
         self.weight = weight
-        self.tasks = nn.ModuleDict()
-        self._fitted_keys: set[str] = set()  # python-side, so traced/exported graphs need no data-dependent test
 
-    def add_task(self, key: str) -> None:
-        """Create (unfitted) statistics for task ``key``."""
-        if key not in self.tasks:
-            self.tasks[key] = _TaskGaussian(self.channels).to(next(iter(self.buffers()), torch.zeros(())).device)
-
-    def fitted(self, key: str) -> bool:
-        """Whether task ``key`` has statistics."""
-        return key in self._fitted_keys and key in self.tasks
-
-    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
-        """Create the tasks named in ``state_dict`` first; afterwards record which are fitted."""
-        head = prefix + "tasks."
-        keys = {n[len(head) : -len(".fitted")] for n in state_dict if n.startswith(head) and n.endswith(".fitted")}
-        for key in keys:
-            if "." not in key:
-                self.add_task(key)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        for key in keys:
-            if "." not in key:
-                if bool(state_dict[f"{head}{key}.fitted"]):
-                    self._fitted_keys.add(key)
-                else:
-                    self._fitted_keys.discard(key)
+    def _new_task(self) -> nn.Module:
+        return _TaskGaussian(self.channels)
 
     def global_score(self, key: str, pooled: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance ``(B,)`` of pooled features to task ``key``."""
@@ -97,8 +74,7 @@ class GlobalScoreFusion(nn.Module):
                 global_scores.std().clamp_min(eps),
             ]).to(state.stats)
         )
-        state.fitted.fill_(True)
-        self._fitted_keys.add(key)
+        self._mark_fitted(key)
 
     def forward(self, key: str, flow_scores: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """Fused image scores ``(B,)``; the flow scores unchanged while ``key`` is unfitted."""

@@ -99,14 +99,16 @@ class MoLEFlow(AnomalibModule):
         self._feature_cache.clear()
         self._train_paths.clear()
 
-    def fit_global_score(self) -> None:
-        """Fit the active expert's global-score statistics on this fit's training images.
+    def fit_scoring_statistics(self) -> None:
+        """Fit the active expert's scoring statistics (position Gaussian, global score) on this
+        fit's training images.
 
-        No-op unless ``config.global_score_weight > 0``. Uses the feature cache when every
+        No-op unless ``config.position_gaussian_weight`` or ``config.global_score_weight`` is > 0. Uses the feature cache when every
         training image is in it, otherwise one pass over the training dataloader.
         """
         key = self.model.active_task
-        if self.model.global_score is None or key is None or self._trainer is None:
+        nothing_to_fit = self.model.global_score is None and self.model.position_gaussian is None
+        if nothing_to_fit or key is None or self._trainer is None:
             return
         from anomalib_moleflow.callbacks.router_fit import eval_mode, iter_train_features
 
@@ -118,18 +120,18 @@ class MoLEFlow(AnomalibModule):
                     torch.stack([self._feature_cache[p] for p in paths[i : i + 32]]).to(device)
                     for i in range(0, len(paths), 32)
                 )
-                self.model.fit_global_score(key, chunks)
+                self.model.fit_scoring_statistics(key, chunks)
             else:
-                self.model.fit_global_score(key, (f for _, f in iter_train_features(self.trainer, self)))
+                self.model.fit_scoring_statistics(key, (f for _, f in iter_train_features(self.trainer, self)))
 
     def on_validation_epoch_start(self) -> None:
-        """Inside fit, refresh the global-score statistics so validation scores are final-form."""
+        """Inside fit, refresh the scoring statistics so validation scores are final-form."""
         if self._trainer is not None and self.trainer.state.fn == "fit" and self._train_paths:
-            self.fit_global_score()
+            self.fit_scoring_statistics()
 
     def on_train_end(self) -> None:
-        """Fit the global-score statistics of the trained expert."""
-        self.fit_global_score()
+        """Fit the scoring statistics of the trained expert."""
+        self.fit_scoring_statistics()
 
     # ----------------------------------------------------------------- steps
     def _cached_features(self, batch: Batch) -> torch.Tensor:

@@ -6,6 +6,10 @@ Pipeline (V4.1)::
           -> input adapter[task] -> spatial mixer (shared) -> base flow + LoRA[task]
           -> DIA[task] -> z, log|det J| per patch -> NLL -> anomaly map, image score
 
+Beyond the notes (each can be switched off in the config): the map adds a per-task
+position-conditional Gaussian NLL to the flow NLL (:mod:`.position_gaussian`), and the
+image score is fused with a pooled-feature Gaussian score (:mod:`.global_score`).
+
 Experts are keyed by task (``"0"``, ``"1"``, ...) in ``nn.ModuleDict``s, so every
 expert survives a checkpoint. In eval mode ``forward`` returns an ``InferenceBatch``.
 """
@@ -31,6 +35,7 @@ from .global_score import GlobalScoreFusion
 from .input_adapters import build_input_adapter
 from .loss import patch_nll
 from .normalization import TaskScoreNormalizer
+from .position_gaussian import PositionGaussian
 
 
 class MoLEFlowModel(nn.Module):
@@ -62,6 +67,11 @@ class MoLEFlowModel(nn.Module):
         self.global_score = (
             GlobalScoreFusion(self._global_input_channels(), cfg.global_score_weight)
             if cfg.global_score_weight > 0
+            else None
+        )
+        self.position_gaussian = (
+            PositionGaussian(self.grid_size, self.channels, cfg.position_gaussian_shrinkage)
+            if cfg.position_gaussian_weight > 0
             else None
         )
         self.use_routing = True
@@ -96,6 +106,8 @@ class MoLEFlowModel(nn.Module):
         self.normalizer.ensure_task(key)
         if self.global_score is not None:
             self.global_score.add_task(key)
+        if self.position_gaussian is not None:
+            self.position_gaussian.add_task(key)
         if self.router is not None:
             self.router.ensure_tasks([*self.task_keys, key], channels=self.feature_extractor.total_channels)
         device = next(self.flow.parameters()).device
@@ -190,14 +202,29 @@ class MoLEFlowModel(nn.Module):
         z, log_jac_det = self.flow_forward(features, key)
         return patch_nll(z, log_jac_det)
 
-    def score_features(self, features: torch.Tensor, key: str | None = None) -> InferenceBatch:
-        """Raw image scores and anomaly maps of expert ``key`` from precomputed features."""
+    def map_scores(self, features: torch.Tensor, key: str | None = None, flow_nll: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch scores ``(B, H, W)`` behind the anomaly map: the flow NLL (``flow_nll`` if already
+        computed), plus the weighted position-Gaussian NLL once expert ``key``'s Gaussian is fitted."""
         key = key or self.active_task
-        scores = self.patch_scores(features, key)
-        pred_score = self.anomaly_map_generator.image_score(scores)
+        scores = self.patch_scores(features, key) if flow_nll is None else flow_nll
+        if self.position_gaussian is not None and self.position_gaussian.fitted(key):
+            scores = scores + self.config.position_gaussian_weight * self.position_gaussian(key, features)
+        return scores
+
+    def score_features(self, features: torch.Tensor, key: str | None = None) -> InferenceBatch:
+        """Raw image scores and anomaly maps of expert ``key`` from precomputed features.
+
+        The image score comes from the flow NLL (top-k mean, fused with the global score); the
+        map from :meth:`map_scores`. Measured: adding the position Gaussian to the image score
+        lowered transistor image AUROC (0.991 -> 0.985), while it raised pixel AUROC on both products.
+        """
+        key = key or self.active_task
+        flow_nll = self.patch_scores(features, key)
+        pred_score = self.anomaly_map_generator.image_score(flow_nll)
         if self.global_score is not None:
             pred_score = self.global_score(key, pred_score, self._global_input(features))
-        return InferenceBatch(pred_score=pred_score, anomaly_map=self.anomaly_map_generator(scores))
+        anomaly_map = self.anomaly_map_generator(self.map_scores(features, key, flow_nll))
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def _global_input_channels(self) -> int:
         extractor = self.feature_extractor
@@ -210,16 +237,20 @@ class MoLEFlowModel(nn.Module):
         return pool_features(features[..., : self.channels])
 
     @torch.no_grad()
-    def fit_global_score(self, key: str, train_features: Iterable[torch.Tensor]) -> None:
-        """Fit expert ``key``'s global-score fusion on its training features (no-op when off)."""
-        if self.global_score is None:
+    def fit_scoring_statistics(self, key: str, train_features: Iterable[torch.Tensor]) -> None:
+        """Fit expert ``key``'s position Gaussian, then its global-score fusion, on its training
+        features (each a no-op when switched off)."""
+        if self.position_gaussian is None and self.global_score is None:
             return
-        pooled, flow_scores = [], []
-        for features in train_features:
-            pooled.append(self._global_input(features))
-            flow_scores.append(self.anomaly_map_generator.image_score(self.patch_scores(features, key)))
-        if pooled:
-            self.global_score.fit(key, torch.cat(pooled), torch.cat(flow_scores))
+        chunks = list(train_features)
+        if not chunks:
+            return
+        if self.position_gaussian is not None:
+            self.position_gaussian.fit(key, chunks)
+        if self.global_score is not None:
+            pooled = torch.cat([self._global_input(features) for features in chunks])
+            flow_scores = torch.cat([self.anomaly_map_generator.image_score(self.patch_scores(f, key)) for f in chunks])
+            self.global_score.fit(key, pooled, flow_scores)
 
     # ----------------------------------------------------------------- routing
     @property

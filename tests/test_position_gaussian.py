@@ -1,0 +1,61 @@
+"""Position-conditional Gaussian patch score: per-position mean, one shared shrunk covariance."""
+
+import pytest
+import torch
+
+from anomalib_moleflow.models.moleflow.position_gaussian import PositionGaussian
+
+GRID, CHANNELS = (4, 5), 3
+
+
+def _features(n: int = 40, seed: int = 0) -> torch.Tensor:
+    """Patches whose mean depends on the grid position (as aligned products' do)."""
+    generator = torch.Generator().manual_seed(seed)
+    position_means = torch.arange(GRID[0] * GRID[1] * CHANNELS, dtype=torch.float32).view(*GRID, CHANNELS)
+    return position_means + 0.1 * torch.randn(n, *GRID, CHANNELS, generator=generator)
+
+
+def _fitted(shrinkage: float = 0.0) -> tuple[PositionGaussian, torch.Tensor]:
+    gaussian = PositionGaussian(GRID, CHANNELS, shrinkage=shrinkage)
+    train = _features()
+    gaussian.fit("0", [train[:16], train[16:]])  # chunks, as the feature cache delivers them
+    return gaussian, train
+
+
+def test_score_is_half_the_squared_mahalanobis_distance_to_the_position_mean() -> None:
+    gaussian, train = _fitted()
+    x = train.double()
+    residual = (x - x.mean(0)).reshape(-1, CHANNELS)
+    precision = torch.linalg.inv(residual.T @ residual / (len(residual) - 1))
+    test = _features(3, seed=1)
+    diff = test.double() - x.mean(0)
+    expected = 0.5 * ((diff @ precision) * diff).sum(-1)
+    assert torch.allclose(gaussian("0", test).double(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_patch_normal_elsewhere_is_anomalous_at_the_wrong_position() -> None:
+    gaussian, _ = _fitted(shrinkage=0.1)
+    test = _features(1, seed=2)
+    swapped = test.clone()
+    swapped[0, 0, 0] = test[0, 3, 4]  # a valid patch, but from the opposite corner
+    normal, moved = gaussian("0", test), gaussian("0", swapped)
+    assert float(normal.max()) < 20
+    assert float(moved[0, 0, 0]) > 100 * float(normal.max())
+    assert torch.equal(moved[0].flatten()[1:], normal[0].flatten()[1:])  # other patches untouched
+
+
+def test_state_dict_round_trip_creates_the_fitted_tasks() -> None:
+    gaussian, train = _fitted()
+    gaussian.add_task("1")  # created, never fitted
+    other = PositionGaussian(GRID, CHANNELS)
+    other.load_state_dict(gaussian.state_dict())
+    assert other.fitted("0") and not other.fitted("1")
+    assert torch.equal(other("0", train[:2]), gaussian("0", train[:2]))
+
+
+def test_bad_shapes_and_too_few_images_are_named() -> None:
+    gaussian, train = _fitted()
+    with pytest.raises(ValueError, match=r"expects features of shape \(B, 4, 5, 3\), got \(2, 5, 4, 3\)"):
+        gaussian("0", torch.zeros(2, 5, 4, 3))
+    with pytest.raises(ValueError, match="at least 2 training images for task '1'"):
+        gaussian.fit("1", [train[:1]])

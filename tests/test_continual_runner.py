@@ -392,3 +392,28 @@ def test_missing_category_fails_before_training(
     assert str(stream_root) in message
     assert not output_dir.exists()
     assert built == []
+
+
+# ----------------------------------------------------------------------------- 7. older checkpoints
+def test_checkpoint_from_before_the_position_gaussian_loads_and_scores_without_it(
+    finished_run: FinishedRun, tmp_path: Path,
+) -> None:
+    """A checkpoint written before ``position_gaussian_weight`` existed has neither the field nor the
+    Gaussian's buffers: it loads, and scores with the flow map it was evaluated with."""
+    checkpoint, state = load_run_checkpoint(finished_run.checkpoint(1))
+    assert checkpoint["model_config"]["position_gaussian_weight"] > 0
+    del checkpoint["model_config"]["position_gaussian_weight"]
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "position_gaussian" not in k}
+    del checkpoint["anomalib_moleflow_continual"], checkpoint["run_state"]
+    path = save_run_checkpoint(tmp_path / "older.ckpt", state, checkpoint)
+
+    older = load_continual_model(path)
+    current = load_continual_model(finished_run.checkpoint(1))
+    assert older.model.position_gaussian is None and current.model.position_gaussian is not None
+    features = current.model.extract_features(torch.rand(2, 3, 64, 64))
+    with torch.no_grad():
+        flow_only = older.model.score_features(features, "0").anomaly_map
+        with_gaussian = current.model.score_features(features, "0").anomaly_map
+        gaussian = current.model.position_gaussian("0", features)
+    assert torch.equal(flow_only, older.model.anomaly_map_generator(current.model.patch_scores(features, "0")))
+    assert not torch.equal(flow_only, with_gaussian) and float(gaussian.min()) > 0

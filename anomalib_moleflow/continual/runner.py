@@ -133,7 +133,7 @@ class ContinualRunner:
 
     def _restore(self, path: Path) -> None:
         checkpoint, state = load_run_checkpoint(path, expected_tasks=self.stream.names)
-        saved = MoLEFlowConfig.from_dict(checkpoint["model_config"])
+        saved = MoLEFlowConfig.from_saved(checkpoint["model_config"])
         if saved != self.model_config:
             msg = f"Checkpoint '{path}' was trained with another MoLE-Flow configuration; resume with the same config"
             raise CheckpointError(msg)
@@ -240,7 +240,7 @@ def load_continual_model(path: str | Path) -> MoLEFlow:
     from anomalib.post_processing import PostProcessor
 
     checkpoint, _ = load_run_checkpoint(path)
-    config = MoLEFlowConfig.from_dict(checkpoint["model_config"])
+    config = MoLEFlowConfig.from_saved(checkpoint["model_config"])
     model = build_model(config)
     for _ in checkpoint["task_keys"]:
         model.add_task()

@@ -236,3 +236,17 @@ class MoLEFlowConfig:
             msg = f"Unknown MoLEFlowConfig field(s): {', '.join(unknown)}"
             raise ValueError(msg)
         return cls(**data)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> MoLEFlowConfig:
+        """Build from a config stored in a checkpoint: a field the checkpoint predates gets the
+        value that reproduces how that model was trained and scored, not today's default."""
+        return cls.from_dict({**_ABSENT_FROM_OLDER_CHECKPOINTS, **data})
+
+
+_ABSENT_FROM_OLDER_CHECKPOINTS: dict[str, Any] = {
+    "grid_downsample": 1,
+    "global_score_weight": 0.0,
+    "position_gaussian_weight": 0.0,
+}
+"""Fields added after the first checkpoints were written, with the behaviour those checkpoints had."""

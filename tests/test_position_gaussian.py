@@ -59,3 +59,15 @@ def test_bad_shapes_and_too_few_images_are_named() -> None:
         gaussian("0", torch.zeros(2, 5, 4, 3))
     with pytest.raises(ValueError, match="at least 2 training images for task '1'"):
         gaussian.fit("1", [train[:1]])
+
+
+def test_a_state_dict_without_statistics_loads_the_tasks_unfitted() -> None:
+    """As a checkpoint written before the module existed: its tasks score with the flow alone."""
+    gaussian = PositionGaussian(GRID, CHANNELS)
+    gaussian.add_task("0")
+    gaussian.load_state_dict({})
+    assert not gaussian.fitted("0")
+    fitted, _ = _fitted()
+    assert fitted.fitted("0")
+    fitted.load_state_dict({})
+    assert not fitted.fitted("0") and not bool(fitted.tasks["0"].fitted)

@@ -353,3 +353,16 @@ def test_map_scores_add_the_weighted_position_gaussian_once_fitted(make_model: M
     torch.testing.assert_close(model.map_scores(features, key), flow_only + 0.5 * gaussian)
     assert torch.equal(model.score_features(features, key).anomaly_map, model.anomaly_map_generator(flow_only + 0.5 * gaussian))
     assert make_model(position_gaussian_weight=0.0).position_gaussian is None
+
+
+@torch.no_grad()
+def test_state_without_position_gaussian_loads_with_the_flow_map(make_model: ModelFactory, features: torch.Tensor) -> None:
+    """An anomalib checkpoint saved before the position Gaussian existed loads into today's model."""
+    older = make_model(position_gaussian_weight=0.0)
+    current = make_model()
+    current.load_state_dict(older.state_dict())  # strict: the Gaussian's buffers are absent
+    key = current.active_task
+    assert not current.position_gaussian.fitted(key)
+    older.eval()
+    current.eval()
+    assert torch.equal(current.score_features(features, key).anomaly_map, older.score_features(features, key).anomaly_map)

@@ -40,12 +40,22 @@ class PerTaskStatistics(nn.Module):
         self._fitted_keys.add(key)
 
     def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
-        """Create the tasks named in ``state_dict`` first; afterwards record which are fitted."""
+        """Create the tasks named in ``state_dict`` first; afterwards record which are fitted.
+
+        A task that exists here but has no statistics in ``state_dict`` (a checkpoint written
+        before this module existed) loads as unfitted, so it scores as that checkpoint did.
+        """
         head = prefix + "tasks."
         keys = {n[len(head) : -len(".fitted")] for n in state_dict if n.startswith(head) and n.endswith(".fitted")}
         keys = {key for key in keys if "." not in key}
         for key in keys:
             self.add_task(key)
+        for key, task in self.tasks.items():
+            if key not in keys:
+                task.fitted.fill_(False)
+                for name, buffer in task.named_buffers():
+                    state_dict[f"{head}{key}.{name}"] = buffer.clone()
+                self._fitted_keys.discard(key)
         super()._load_from_state_dict(state_dict, prefix, *args)
         for key in keys:
             if bool(state_dict[f"{head}{key}.fitted"]):

@@ -48,6 +48,9 @@ def main() -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     metrics = json.loads((out_dir / "continual_metrics.json").read_text())
     command = "python benchmarks/continual_real.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads:  # the torch thread count changes floating-point order, hence the scores a little
+        command = f"OMP_NUM_THREADS={threads} {command}"
     meta = {
         "command": command,
         "continual_command": " ".join(shlex.quote(c) for c in cmd[1:]),

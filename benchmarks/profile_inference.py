@@ -59,6 +59,7 @@ def stage_times(checkpoint: Path, repeats: int) -> tuple[list[tuple[str, float]]
             ("base flow (8 coupling blocks, merged LoRA)", median_ms(lambda: model.flow(patch), repeats)),
             ("expert flow forward (adapter, mixer, flow, DIA)", median_ms(lambda: model.flow_forward(features, key), repeats)),
             ("anomaly map (upsample + blur) and image score", median_ms(lambda: (model.anomaly_map_generator(scores), model.anomaly_map_generator.image_score(scores)), repeats)),
+            ("position Gaussian (added to the map)", median_ms(lambda: model.position_gaussian(key, features) if model.position_gaussian else None, repeats)),
             ("global score", median_ms(lambda: model.global_score(key, scores.flatten(1).mean(1), model._global_input(features)) if model.global_score else None, repeats)),
             ("whole routed forward", median_ms(lambda: model(image), repeats)),
         ]

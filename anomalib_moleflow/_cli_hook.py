@@ -11,7 +11,7 @@ line loads this file (by path, *without* importing the heavy
 :func:`install` only puts a small finder first in :data:`sys.meta_path`. The finder
 does nothing until the module ``anomalib.cli`` is imported (the ``anomalib``
 console script does that first thing). Then it lets the real loader execute
-``anomalib.cli`` and, right after, imports ``anomalib_moleflow`` and
+``anomalib.cli`` and, right after, imports ``anomalib_moleflow.models.moleflow`` and
 ``anomalib_moleflow.data``, which define (and thereby register) ``MoLEFlow`` and
 ``MVTecADLocal`` (so ``--data MVTecADLocal`` works too). The finder then
 removes itself. Every other Python program pays only for loading this file
@@ -39,7 +39,7 @@ __all__ = ["DISABLE_ENV", "PLUGIN_MODULES", "TRIGGER_MODULE", "install", "regist
 TRIGGER_MODULE = "anomalib.cli"
 #: The modules imported to register the model class (``--model MoLEFlow``) and the
 #: datamodule (``--data MVTecADLocal``).
-PLUGIN_MODULES = ("anomalib_moleflow", "anomalib_moleflow.data")
+PLUGIN_MODULES = ("anomalib_moleflow.models.moleflow", "anomalib_moleflow.data")
 #: Environment variable that switches the hook off when set to a true value.
 DISABLE_ENV = "ANOMALIB_MOLEFLOW_NO_CLI_HOOK"
 

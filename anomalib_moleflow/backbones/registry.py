@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from anomalib_moleflow.io import atomic_torch_save
 
 from .dinov2_onnx import DINOV2_ONNX_ARCH, convert_dinov2_onnx
 from .efficientnet_lite import EFFICIENTNET_LITE_STAGE_DEPTHS, convert_efficientnet_lite
@@ -73,22 +74,6 @@ def _require_offline(name: str) -> str:
     return arch
 
 
-def _atomic_save(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Save via a temp file in the same directory + ``os.replace`` (safe with concurrent writers)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state_dict, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _is_valid(path: Path) -> bool:
     """True if ``path`` holds a loadable state dict (a truncated/corrupt file is reconverted)."""
     try:
@@ -103,7 +88,7 @@ def offline_weights_path(name: str) -> Path:
     arch = _require_offline(name)
     path = cache_dir() / f"{arch}.{OFFLINE_TAG}.v{_FORMAT_VERSION}.pth"
     if not (path.is_file() and _is_valid(path)):
-        _atomic_save(_CONVERTERS[arch](), path)
+        atomic_torch_save(_CONVERTERS[arch](), path)
     return path
 
 

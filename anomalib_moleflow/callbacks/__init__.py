@@ -1,6 +1,10 @@
-"""Lightning callbacks for continual MoLE-Flow training (one callback per file)."""
+"""Lightning callbacks a continual strategy plugs into MoLE-Flow's training (one callback per file).
+
+The model itself fits each expert's per-task statistics (router prototype, scoring statistics,
+thresholds) at the end of its training (``MoLEFlow.on_train_end``); callbacks here change *how*
+a task trains and call into the model's public methods.
+"""
 
 from .ogp import OrthogonalGradientProjection
-from .router_fit import RouterFitCallback
 
-__all__ = ["OrthogonalGradientProjection", "RouterFitCallback"]
+__all__ = ["OrthogonalGradientProjection"]

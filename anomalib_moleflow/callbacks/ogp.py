@@ -13,7 +13,7 @@ existing basis (as in GPM), and the union is re-orthonormalised, so one projecti
 
 Under V4 "complete separation" nothing shared trains after task 0; the callback then
 warns once and does nothing (the notes remove OGP there). By default it also stores no
-basis for a shared group the config freezes after task 0 (``freeze_<group>_after_task0``):
+basis for a shared group the config freezes after task 0 (``flow.freeze_<group>_after_task0``):
 no later update can touch it, and per-image gradients of the full base flow would need
 ``n_samples x 9M`` floats.
 """
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from .router_fit import eval_mode, iter_train_features
+from anomalib_moleflow.models.moleflow.lightning_model import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ class OrthogonalGradientProjection(Callback):
 
     # ----------------------------------------------------------------- subspaces
     def _keeps_training(self, pl_module: LightningModule, group: str) -> bool:
-        config = getattr(pl_module.model, "config", None)
-        return not (self.skip_frozen_groups and getattr(config, f"freeze_{group}_after_task0", False))
+        flow = pl_module.model.config.flow
+        return not (self.skip_frozen_groups and getattr(flow, f"freeze_{group}_after_task0", False))
 
     def sample_gradients(
         self,
@@ -123,14 +123,15 @@ class OrthogonalGradientProjection(Callback):
         targets: list[tuple[str, torch.nn.Parameter]],
     ) -> dict[str, list[torch.Tensor]]:
         """Per-image loss gradients (flattened, CPU) of ``targets`` over ``n_samples`` images."""
+        del trainer
         grads: dict[str, list[torch.Tensor]] = {name: [] for name, _ in targets}
         params = [p for _, p in targets]
-        model = pl_module.model
+        with eval_mode(pl_module):
+            features_of_task = list(pl_module.training_features(self.n_samples))
         with eval_mode(pl_module), torch.enable_grad():
-            for _, features in iter_train_features(trainer, pl_module, self.n_samples):
+            for features in features_of_task:
                 for i in range(len(features)):
-                    z, log_jac_det = model.flow_forward(features[i : i + 1])
-                    loss, _ = pl_module.loss(z, log_jac_det)
+                    loss, _ = pl_module.flow_loss(features[i : i + 1])
                     per_param = torch.autograd.grad(loss, params, allow_unused=True)
                     for (name, p), g in zip(targets, per_param, strict=True):
                         g = torch.zeros_like(p) if g is None else g

@@ -1,21 +1,9 @@
-"""Continual (task-after-task) training support for MoLE-Flow."""
+"""Continual (task-after-task) training of MoLE-Flow: the task stream, the runner, the evaluation
+and its result tables, and the run checkpoints."""
 
-from .checkpoint_io import (
-    FORMAT_KEY,
-    FORMAT_VERSION,
-    CheckpointError,
-    RunState,
-    atomic_open,
-    atomic_torch_save,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    load_run_checkpoint,
-    safe_torch_load,
-    save_run_checkpoint,
-)
-from .metrics import METRIC_NAMES, ContinualResults
-from .routers import UNKNOWN, PrototypeRouter, TwoStageHybridRouter, pool_features
+from .results_tables import METRIC_NAMES, ContinualResults
+from .run_checkpoint import FORMAT_KEY, FORMAT_VERSION, RunState, load_run_checkpoint, save_run_checkpoint
+from .runner import ContinualRunner, RunOptions, TrainerOptions, build_model
 from .task_stream import MVTEC_ALPHABETICAL_ORDER, MVTEC_ORIGINAL_ORDER, TaskSpec, TaskStream
 
 __all__ = [
@@ -24,21 +12,14 @@ __all__ = [
     "METRIC_NAMES",
     "MVTEC_ALPHABETICAL_ORDER",
     "MVTEC_ORIGINAL_ORDER",
-    "UNKNOWN",
-    "CheckpointError",
     "ContinualResults",
-    "PrototypeRouter",
+    "ContinualRunner",
+    "RunOptions",
     "RunState",
     "TaskSpec",
     "TaskStream",
-    "TwoStageHybridRouter",
-    "atomic_open",
-    "atomic_torch_save",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
+    "TrainerOptions",
+    "build_model",
     "load_run_checkpoint",
-    "pool_features",
-    "safe_torch_load",
     "save_run_checkpoint",
 ]

@@ -5,10 +5,10 @@ For each task ``t`` of the stream:
 1. add expert ``t`` (LoRA, task bias, whitening adapter, DIA) and freeze everything else
    (V4.1: the shared flow, mixer and context convs train on task 0 only);
 2. train it with a fresh Lightning ``Trainer`` (a reused one would run zero steps), from
-   cached backbone features; the router callback fits task ``t``'s prototype at the end;
-3. fit task ``t``'s score normalisation (min/max/thresholds kept per expert);
-4. evaluate every task seen so far, routed (no task id) and oracle (true task id);
-5. write ``task_<t>.ckpt`` atomically and the results files.
+   cached backbone features; at the end the model fits the expert's per-task statistics
+   (router prototype, scoring statistics, score thresholds);
+3. evaluate every task seen so far, routed (no task id) and oracle (true task id);
+4. write ``task_<t>.ckpt`` atomically and the results files.
 
 A checkpoint is written only after its task fully finished, so ``--resume`` continues at
 the next task; the run is marked complete only at the very end.
@@ -25,13 +25,15 @@ from typing import Any
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback
 
-from anomalib_moleflow.callbacks import OrthogonalGradientProjection, RouterFitCallback
+from anomalib_moleflow.callbacks import OrthogonalGradientProjection
+from anomalib_moleflow.io import CheckpointError
 from anomalib_moleflow.models.moleflow import MoLEFlow, MoLEFlowConfig
+from anomalib_moleflow.models.moleflow.checkpoint_format import model_checkpoint
 
-from .checkpoint_io import CheckpointError, RunState, load_run_checkpoint, save_run_checkpoint
-from .evaluation import evaluate_task, fit_task_normalization
-from .metrics import ContinualResults
+from .evaluation import evaluate_task
 from .progress import task_progress
+from .results_tables import ContinualResults
+from .run_checkpoint import RunState, load_run_checkpoint, save_run_checkpoint
 from .task_stream import TaskStream
 
 logger = logging.getLogger(__name__)
@@ -68,8 +70,8 @@ class RunOptions:
 
 
 def build_model(config: MoLEFlowConfig) -> MoLEFlow:
-    """Lightning MoLE-Flow for continual use: metrics and thresholds are handled per task here."""
-    return MoLEFlow(config=config, post_processor=False, evaluator=False, visualizer=False)
+    """Lightning MoLE-Flow for continual use: scores normalised per task; metrics computed here."""
+    return MoLEFlow(config=config, evaluator=False, visualizer=False, normalize_scores=True)
 
 
 class ContinualRunner:
@@ -113,9 +115,7 @@ class ContinualRunner:
     def _payload(self) -> dict[str, Any]:
         assert self.model is not None
         return {
-            "model_config": self.model_config.to_dict(),
-            "state_dict": self.model.state_dict(),
-            "task_keys": list(self.model.model.task_keys),
+            **model_checkpoint(self.model.state_dict(), self.model_config, normalize_scores=True),
             "results": self.results.to_dict(),
             "ogp": self.ogp.state_dict() if self.ogp is not None else None,
             "stream": self.stream.to_dict(),
@@ -133,15 +133,11 @@ class ContinualRunner:
 
     def _restore(self, path: Path) -> None:
         checkpoint, state = load_run_checkpoint(path, expected_tasks=self.stream.names)
-        saved = MoLEFlowConfig.from_saved(checkpoint["model_config"])
-        if saved != self.model_config:
+        model = MoLEFlow.from_checkpoint(path, evaluator=False, visualizer=False)
+        if model.config != self.model_config:
             msg = f"Checkpoint '{path}' was trained with another MoLE-Flow configuration; resume with the same config"
             raise CheckpointError(msg)
-        self.model = build_model(self.model_config)
-        for _ in checkpoint["task_keys"]:
-            self.model.add_task()
-        self.model.load_state_dict(checkpoint["state_dict"])
-        self.model.model.normalize_scores = True
+        self.model = model
         self.results = ContinualResults.from_dict(checkpoint["results"])
         if self.ogp is not None and checkpoint.get("ogp") is not None:
             self.ogp.load_state_dict(checkpoint["ogp"])
@@ -150,16 +146,14 @@ class ContinualRunner:
 
     # ----------------------------------------------------------------- one task
     def _callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [RouterFitCallback()]
-        if self.ogp is not None:
-            callbacks.append(self.ogp)
+        callbacks: list[Callback] = [self.ogp] if self.ogp is not None else []
         return callbacks + list(self.run_options.extra_callbacks)
 
     def train_task(self, task: int) -> float:
         """Add expert ``task`` and train it with a fresh Trainer; returns train seconds."""
         assert self.model is not None
         seed_everything(self.run_options.seed + task, workers=True)
-        key = self.model.add_task()
+        key = self.model.add_task(self.stream.names[task])
         if key != str(task):
             msg = f"expert key {key!r} does not match task index {task}"
             raise RuntimeError(msg)
@@ -177,7 +171,7 @@ class ContinualRunner:
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
-            gradient_clip_val=self.model_config.grad_clip,
+            gradient_clip_val=self.model_config.optim.grad_clip,
             callbacks=self._callbacks(),
             default_root_dir=str(self.output_dir),
         )
@@ -220,8 +214,6 @@ class ContinualRunner:
         for task in task_progress(range(first, len(self.stream)), self.stream.names, first):
             train_seconds = self.train_task(task)
             self.results.record_timing(task, train_seconds)
-            fit_task_normalization(self.model, self.stream.datamodule(task), task)
-            self.model.model.normalize_scores = True
             self.results.set_inference_ms(self.evaluate_seen(task))
             self.run_state.mark_task_done(task)
             if self.run_state.next_task is None:
@@ -231,34 +223,4 @@ class ContinualRunner:
         return self.results
 
 
-def load_continual_model(path: str | Path) -> MoLEFlow:
-    """Load a continual checkpoint as a routed MoLE-Flow model that scores new images.
-
-    Scores come out per-task normalised (task threshold at 0.5) and the anomalib
-    post-processor is set to pass them through with that threshold.
-    """
-    from anomalib.post_processing import PostProcessor
-
-    checkpoint, _ = load_run_checkpoint(path)
-    config = MoLEFlowConfig.from_saved(checkpoint["model_config"])
-    model = build_model(config)
-    for _ in checkpoint["task_keys"]:
-        model.add_task()
-    model.load_state_dict(checkpoint["state_dict"])
-    model.model.normalize_scores = True
-    post = PostProcessor()
-    for name, value in (
-        ("_image_threshold", 0.5),
-        ("_pixel_threshold", 0.5),
-        ("image_min", 0.0),
-        ("image_max", 1.0),
-        ("pixel_min", 0.0),
-        ("pixel_max", 1.0),
-    ):
-        getattr(post, name).fill_(value)
-    model.post_processor = post
-    model.eval()
-    return model
-
-
-__all__ = ["ContinualRunner", "RunOptions", "TrainerOptions", "build_model", "load_continual_model"]
+__all__ = ["ContinualRunner", "RunOptions", "TrainerOptions", "build_model"]

@@ -1,5 +1,5 @@
 """Models provided by anomalib-moleflow."""
 
-from .moleflow import MoLEFlow, MoLEFlowConfig, MoLEFlowModel
+from .moleflow import MoLEFlow, MoLEFlowConfig, MoLEFlowModel, RoutedInferenceBatch
 
-__all__ = ["MoLEFlow", "MoLEFlowConfig", "MoLEFlowModel"]
+__all__ = ["MoLEFlow", "MoLEFlowConfig", "MoLEFlowModel", "RoutedInferenceBatch"]

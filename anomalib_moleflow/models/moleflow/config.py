@@ -1,28 +1,66 @@
-"""One configuration object for MoLE-Flow.
+"""One configuration object for MoLE-Flow, in named groups.
 
-Every switch of the design notes (v1 .. V4.1, plus the failed experiments) is a field
-here, so that each version is a configuration rather than a code branch. The defaults
-are the final V4.1 design ("true complete separation").
+Every switch of the design notes (v1 .. V4.1, plus the failed experiments) is a field, so that
+each version is a configuration rather than a code branch; the defaults are the final V4.1 design
+plus the measured changes listed in the model README. Field names are the notes' names; each
+field belongs to one group:
+
+=========== ================================================================================
+group       fields
+=========== ================================================================================
+features    backbone, stages, input size, local aggregation, grid, position embedding, cache
+flow        the shared coupling flow, its subnet context branch, the shared patch mixers, and
+            which shared parts keep training after task 0
+experts     what each task adds: input adapter, LoRA, task bias, DIA
+loss        NLL, tail-aware term, regularisers, failed-experiment losses
+routing     which expert scores an image when the task id is hidden
+scoring     image score, global score, position Gaussian, anomaly-map smoothing
+optim       optimiser and gradient clipping
+=========== ================================================================================
+
+On the command line a field is ``--model.config.<group>.<field>`` (e.g.
+``--model.config.flow.n_coupling_blocks 6``); in YAML it sits under ``model.config.<group>``.
+:meth:`MoLEFlowConfig.from_dict` also takes the flat field names that checkpoints written before
+the groups hold (``{"lora_rank": 16}``), so every saved config still loads.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 InputAdapterKind = Literal["whitening", "film", "none"]
 LoRAScaling = Literal["alpha/rank", "alpha/(2*rank)"]
+RouterKind = Literal["prototype", "hybrid", "none"]
+
+
+def _fail(name: str, requirement: str, value: object) -> None:
+    msg = f"MoLEFlowConfig.{name} must {requirement}, got {value!r}"
+    raise ValueError(msg)
+
+
+def _at_least_one(group: str, obj: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(obj, name) < 1:
+            _fail(f"{group}.{name}", "be >= 1", getattr(obj, name))
+
+
+def _odd(group: str, obj: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(obj, name) % 2 == 0:
+            _fail(f"{group}.{name}", "be odd", getattr(obj, name))
+
+
+def _one_of(group: str, name: str, value: object, allowed: tuple[object, ...]) -> None:
+    if value not in allowed:
+        _fail(f"{group}.{name}", f"be one of {', '.join(repr(a) for a in allowed)}", value)
 
 
 @dataclass
-class MoLEFlowConfig:
-    """All hyper-parameters of the MoLE-Flow torch model, loss and scorer.
+class FeatureConfig:
+    """Frozen backbone and patch features."""
 
-    Field names follow the design notes (``seed-update-notes``) so a reader can find
-    each switch there.
-    """
-
-    # --- backbone and patch features -------------------------------------------------
     backbone: str = "tf_efficientnet_lite0"
     """timm name; offline weights exist for ``tf_efficientnet_lite{0,1,2}`` and
     ``vit_small_patch14_dinov2`` (see :mod:`anomalib_moleflow.backbones`)."""
@@ -37,50 +75,75 @@ class MoLEFlowConfig:
     (public MoLE-Flow: 768); ``None`` concatenates the native channels."""
     use_position_embedding: bool = True
     grid_downsample: int = 2
-    """Average-pool the patch grid by this factor after aggregation: 2 gives a 16x16 grid at 256 px,
-    four times fewer patches for the flow (latency), and measured at least as good as the 32x32 grid
-    in the continual run (benchmarks/tuning/README.md); 1 is the notes' stride-8 grid."""
+    """Average-pool the patch grid by this factor after aggregation (2: a 16x16 grid at 256 px);
+    1 is the notes' stride-8 grid."""
+    cache_features: bool = True
+    """Cache frozen-backbone features of training images so each goes through the backbone once per task."""
 
-    # --- input adapter (per task) -----------------------------------------------------
-    input_adapter: InputAdapterKind = "whitening"
-    """``whitening`` (V3-1, default), ``film`` (v3 FiLM adapter) or ``none`` (v1/v2)."""
-    whitening_gamma_range: tuple[float, float] = (0.5, 2.0)
-    whitening_beta_max: float = 2.0
-    whitening_identity_reg: float = 0.1
-    """Task 0 pull toward gamma=1, beta=0 (V3-1)."""
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(i) for i in self.layers)
 
-    # --- shared spatial mixer (trained on task 0 only) --------------------------------
-    use_spatial_mixer: bool = True
-    spatial_mixer_kernel: int = 3
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when a value cannot work."""
+        _at_least_one("features", self, ("image_size", "feature_aggregation_kernel", "grid_downsample"))
+        _odd("features", self, ("feature_aggregation_kernel",))
+        if not self.layers:
+            _fail("features.layers", "name at least one backbone stage", self.layers)
 
-    # --- multi-scale context (V3-2, conflicts with whitening) -------------------------
-    use_ms_context: bool = False
-    ms_context_dilations: tuple[int, ...] = (1, 2, 4)
 
-    # --- base coupling flow -----------------------------------------------------------
+@dataclass
+class FlowConfig:
+    """The shared coupling flow, its context branch, the shared patch mixers, and what trains after task 0."""
+
     n_coupling_blocks: int = 8
-    """Public code: 6. Here 8 measured better on transistor (pixel AUROC 0.949 vs 0.937,
-    benchmarks/tuning/README.md)."""
     clamp: float = 1.9
     subnet_hidden_ratio: float = 2.0
     """Hidden width of the coupling subnets relative to the split width."""
     use_context: bool = True
-    """Context branch inside each subnet: depthwise conv over the patch grid (V4.1)."""
+    """Context branch inside each coupling subnet: a depthwise conv over the patch grid, scaled by a
+    bounded global alpha (Baseline 1.5) or a patch-wise gate (Baseline 2.0)."""
     context_kernel: int = 5
-    """Public code: 5; the notes' ``scale_context_kernel``: 3. With 3, bottle's flow-only pixel AUROC
-    rose (0.970 -> 0.975) but transistor's image AUROC fell in the full continual run (0.992 -> 0.988,
-    benchmarks/tuning/README.md), so 5 stays."""
+    """Public code: 5; the notes' ``scale_context_kernel``: 3."""
     context_init_scale: float = 0.1
     context_max_alpha: float = 0.2
     use_context_gate: bool = False
     """Baseline 2.0 patch-wise gate instead of the global alpha."""
     context_gate_hidden: int = 64
+    use_spatial_mixer: bool = True
+    """Shared ``SpatialMixer`` before the flow (V3/V4)."""
+    spatial_mixer_kernel: int = 3
+    use_ms_context: bool = False
+    """V3-2 ``LightweightMSContext`` before the flow (dropped together with the whitening adapter)."""
+    ms_context_dilations: tuple[int, ...] = (1, 2, 4)
+    freeze_base_after_task0: bool = True
+    """The coupling blocks train on task 0 only (every version); ``False`` is the sequential
+    fine-tuning baseline the public code reports as collapsing."""
+    freeze_mixer_after_task0: bool = True
+    """V4: spatial mixer / MS context frozen after task 0 (V3 trained them on every task)."""
+    freeze_context_after_task0: bool = True
+    """V4.1: the subnets' context convs and alphas frozen after task 0 (V4 kept training them)."""
 
-    # --- per-task experts -------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.ms_context_dilations = tuple(int(d) for d in self.ms_context_dilations)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when a value cannot work."""
+        _at_least_one("flow", self, ("n_coupling_blocks", "context_kernel", "spatial_mixer_kernel"))
+        _odd("flow", self, ("context_kernel", "spatial_mixer_kernel"))
+
+
+@dataclass
+class ExpertConfig:
+    """What each task adds: its input adapter, LoRA pairs and biases in the subnets, and its DIA."""
+
+    input_adapter: InputAdapterKind = "whitening"
+    """``whitening`` (V3-1, default), ``film`` (v3 FiLM adapter) or ``none``."""
+    whitening_gamma_range: tuple[float, float] = (0.5, 2.0)
+    whitening_beta_max: float = 2.0
+    whitening_identity_reg: float = 0.1
+    """Task 0 pull toward gamma=1, beta=0 (V3-1)."""
     use_lora: bool = True
     lora_rank: int = 32
-    """Public code: 64 (16-128 made no difference there). Here rank 32 with a 3-block DIA raised
-    transistor-after-bottle image AUROC 0.956 -> 0.973 over rank 16 with 2 blocks."""
     lora_alpha: float = 1.0
     lora_scaling: LoRAScaling = "alpha/rank"
     """v1 used ``alpha/(2*rank)``; v2 onward ``alpha/rank``."""
@@ -92,19 +155,25 @@ class MoLEFlowConfig:
     dia_hidden_ratio: float = 1.0
     dia_clamp: float = 1.9
 
-    # --- what trains when -------------------------------------------------------------
-    freeze_base_after_task0: bool = True
-    """Base flow trains on task 0 only (every version); ``False`` is the sequential
-    fine-tuning baseline the public code reports as collapsing."""
-    freeze_mixer_after_task0: bool = True
-    """V4: spatial mixer / MS context frozen after task 0 (V3 trained them on every task)."""
-    freeze_context_after_task0: bool = True
-    """V4.1: context convs and their scales frozen after task 0 (V4 kept training them)."""
+    def __post_init__(self) -> None:
+        self.whitening_gamma_range = tuple(float(v) for v in self.whitening_gamma_range)  # type: ignore[assignment]
 
-    # --- loss -------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when a value cannot work."""
+        _at_least_one("experts", self, ("lora_rank", "dia_n_blocks"))
+        low, high = self.whitening_gamma_range
+        if not 0 < low < 1 < high:
+            _fail("experts.whitening_gamma_range", "satisfy 0 < low < 1 < high", (low, high))
+        _one_of("experts", "input_adapter", self.input_adapter, ("whitening", "film", "none"))
+        _one_of("experts", "lora_scaling", self.lora_scaling, ("alpha/rank", "alpha/(2*rank)"))
+
+
+@dataclass
+class LossConfig:
+    """Training loss of each expert."""
+
     tail_weight: float = 1.0
-    """Weight of the tail-aware term; the mean term gets ``1 - tail_weight``. Public code: 0.7,
-    with 1.0 giving its best pixel AP; here 1.0 gave transistor pixel AUROC 0.951 vs 0.937."""
+    """Weight of the tail-aware term; the mean term gets ``1 - tail_weight``."""
     tail_top_ratio: float = 0.02
     logdet_reg: float = 1e-4
     center_loss_weight: float = 0.0
@@ -112,136 +181,199 @@ class MoLEFlowConfig:
     focal_gamma: float = 0.0
     """v7 focal NLL (failed experiment)."""
 
-    # --- routing (task id unknown at test time) ----------------------------------------
-    router: Literal["prototype", "hybrid", "none"] = "prototype"
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when a value cannot work."""
+        if not 0.0 <= self.tail_weight <= 1.0:
+            _fail("loss.tail_weight", "be in [0, 1]", self.tail_weight)
+        if not 0.0 < self.tail_top_ratio <= 1.0:
+            _fail("loss.tail_top_ratio", "be in (0, 1]", self.tail_top_ratio)
+
+
+@dataclass
+class RoutingConfig:
+    """Which expert scores an image when the task id is hidden."""
+
+    router: RouterKind = "prototype"
     """``prototype``: Mahalanobis-nearest task mean of pooled features (public code);
-    ``hybrid``: notes V3-5 two-stage (prototype top-k, then flow likelihood)."""
+    ``hybrid``: notes V3-5 two-stage (prototype top-k, then flow likelihood); ``none``: no routing."""
     router_top_k: int = 2
     unknown_threshold: float | None = None
-    """Flag "unknown product" when the nearest prototype is farther than this multiple of
-    the task's calibrated (99th-percentile) training distance; ``None`` = off."""
+    """Flag "unknown product" when the nearest prototype is farther than this multiple of the
+    task's calibrated (99th-percentile) training distance; ``None`` = off."""
 
-    # --- scoring ----------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when a value cannot work."""
+        _one_of("routing", "router", self.router, ("prototype", "hybrid", "none"))
+        _at_least_one("routing", self, ("router_top_k",))
+
+
+@dataclass
+class ScoringConfig:
+    """Image score and anomaly map from the patch scores."""
+
     score_top_k: int = 3
+    """Image score: mean of the ``score_top_k`` highest patch NLLs."""
     global_score_weight: float = 0.5
+    """Beyond the notes: image score = z(flow top-k) + weight * z(squared Mahalanobis of the pooled
+    features to the task's Gaussian); 0 keeps the notes' flow-only image score."""
     global_score_layers: tuple[int, ...] = (4,)
-    """timm ``out_indices`` whose globally pooled maps feed the global score (and the router):
-    for EfficientNet-Lite 4 is the last, stride-32 stage (320 channels). Its Mahalanobis score
-    alone reached transistor image AUROC 0.973 where the pooled patch features reached 0.941.
-    Empty: pool the patch features instead."""
-    """Beyond the notes: image score = z(flow top-k) + weight * z(Mahalanobis distance of the
-    globally pooled features to the task's Gaussian), both z-normalised on the task's training
-    images (:mod:`.global_score`); 0 keeps the notes' flow-only image score. With 0.5 and the
-    stride-32 stage, transistor-after-bottle image AUROC rose from 0.968 to 0.993 (post-hoc,
-    benchmarks/tuning/README.md)."""
+    """timm ``out_indices`` whose globally pooled maps feed the global score and the router (4: the
+    stride-32 stage of EfficientNet-Lite). Empty: pool the patch features instead."""
     position_gaussian_weight: float = 1.0
-    """Beyond the notes: the anomaly map scores each patch by the flow NLL plus this weight times
-    the patch's NLL under the task's position-conditional Gaussian (per-position mean, one shared
-    shrunk covariance; :mod:`.position_gaussian`); the image score stays on the flow NLL. 0 keeps
-    the notes' flow-only map. Continual bottle -> transistor pixel AUROC 0.9700 / 0.9742 -> 0.9736 /
-    0.9810 (benchmarks/results/continual_real.md; post-hoc figures in benchmarks/tuning/README.md)."""
+    """Beyond the notes: the anomaly map adds this weight times each patch's NLL under the task's
+    position-conditional Gaussian to the flow NLL; 0 keeps the notes' flow-only map."""
     position_gaussian_shrinkage: float = 0.1
     """Added to the Gaussian's covariance diagonal, as a fraction of its mean variance."""
     anomaly_map_sigma: float = 4.0
 
-    # --- optimisation -----------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.global_score_layers = tuple(int(i) for i in self.global_score_layers)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when a value cannot work."""
+        _at_least_one("scoring", self, ("score_top_k",))
+        for name in ("global_score_weight", "position_gaussian_weight", "position_gaussian_shrinkage"):
+            if getattr(self, name) < 0:
+                _fail(f"scoring.{name}", "be >= 0", getattr(self, name))
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser of each task (AdamW, cosine schedule)."""
+
     lr: float = 2e-3
-    """Measured on transistor (8 epochs): 3e-4 gave image AUROC 0.76, 1e-3 0.94, 2e-3 0.97; the public
-    code uses 3e-4 over 60 epochs, which the 2-core CPU budget here does not allow."""
     weight_decay: float = 1e-5
     grad_clip: float = 0.5
     warmup_epochs: int = 0
-    cache_features: bool = True
-    """Cache frozen-backbone features of training images so each is seen once per task."""
+
+
+_GROUPS: dict[str, type] = {
+    "features": FeatureConfig,
+    "flow": FlowConfig,
+    "experts": ExpertConfig,
+    "loss": LossConfig,
+    "routing": RoutingConfig,
+    "scoring": ScoringConfig,
+    "optim": OptimConfig,
+}
+#: Flat field name -> its group (every field name is unique across groups).
+FIELD_GROUPS: dict[str, str] = {f.name: group for group, cls in _GROUPS.items() for f in fields(cls)}
+
+
+def _group_from(group: str, value: object) -> object:
+    cls = _GROUPS[group]
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        msg = f"MoLEFlowConfig.{group} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}"
+        raise TypeError(msg)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        msg = f"Unknown MoLEFlowConfig.{group} field(s): {', '.join(unknown)}; {group} has {', '.join(sorted(known))}"
+        raise ValueError(msg)
+    return cls(**value)
+
+
+@dataclass
+class MoLEFlowConfig:
+    """All hyper-parameters of the MoLE-Flow torch model, loss and scorer, in named groups.
+
+    Groups may be given as their dataclasses or as dicts; the object validates itself on
+    construction and raises ``ValueError`` naming ``<group>.<field>``.
+    """
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
-        self.layers = tuple(int(i) for i in self.layers)
-        self.whitening_gamma_range = tuple(float(v) for v in self.whitening_gamma_range)  # type: ignore[assignment]
-        self.ms_context_dilations = tuple(int(d) for d in self.ms_context_dilations)
-        self.global_score_layers = tuple(int(i) for i in self.global_score_layers)
+        for group in _GROUPS:
+            setattr(self, group, _group_from(group, getattr(self, group)))
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field when a value cannot work."""
-        positive = {
-            "image_size": self.image_size,
-            "n_coupling_blocks": self.n_coupling_blocks,
-            "lora_rank": self.lora_rank,
-            "dia_n_blocks": self.dia_n_blocks,
-            "score_top_k": self.score_top_k,
-            "feature_aggregation_kernel": self.feature_aggregation_kernel,
-            "grid_downsample": self.grid_downsample,
-            "context_kernel": self.context_kernel,
-            "spatial_mixer_kernel": self.spatial_mixer_kernel,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                msg = f"MoLEFlowConfig.{name} must be >= 1, got {value}"
-                raise ValueError(msg)
-        for name in ("feature_aggregation_kernel", "context_kernel", "spatial_mixer_kernel"):
-            if getattr(self, name) % 2 == 0:
-                msg = f"MoLEFlowConfig.{name} must be odd, got {getattr(self, name)}"
-                raise ValueError(msg)
-        if not self.layers:
-            msg = "MoLEFlowConfig.layers must name at least one backbone stage"
-            raise ValueError(msg)
-        low, high = self.whitening_gamma_range
-        if not 0 < low < 1 < high:
-            msg = f"MoLEFlowConfig.whitening_gamma_range must satisfy 0 < low < 1 < high, got {(low, high)}"
-            raise ValueError(msg)
-        if self.position_gaussian_weight < 0:
-            msg = f"MoLEFlowConfig.position_gaussian_weight must be >= 0, got {self.position_gaussian_weight}"
-            raise ValueError(msg)
-        if self.position_gaussian_shrinkage < 0:
-            msg = f"MoLEFlowConfig.position_gaussian_shrinkage must be >= 0, got {self.position_gaussian_shrinkage}"
-            raise ValueError(msg)
-        if self.global_score_weight < 0:
-            msg = f"MoLEFlowConfig.global_score_weight must be >= 0, got {self.global_score_weight}"
-            raise ValueError(msg)
-        if not 0.0 <= self.tail_weight <= 1.0:
-            msg = f"MoLEFlowConfig.tail_weight must be in [0, 1], got {self.tail_weight}"
-            raise ValueError(msg)
-        if not 0.0 < self.tail_top_ratio <= 1.0:
-            msg = f"MoLEFlowConfig.tail_top_ratio must be in (0, 1], got {self.tail_top_ratio}"
-            raise ValueError(msg)
-        if self.input_adapter not in ("whitening", "film", "none"):
-            msg = f"MoLEFlowConfig.input_adapter must be 'whitening', 'film' or 'none', got {self.input_adapter!r}"
-            raise ValueError(msg)
-        if self.router not in ("prototype", "hybrid", "none"):
-            msg = f"MoLEFlowConfig.router must be 'prototype', 'hybrid' or 'none', got {self.router!r}"
-            raise ValueError(msg)
-        if self.lora_scaling not in ("alpha/rank", "alpha/(2*rank)"):
-            msg = f"MoLEFlowConfig.lora_scaling must be 'alpha/rank' or 'alpha/(2*rank)', got {self.lora_scaling!r}"
-            raise ValueError(msg)
+        for group in _GROUPS:
+            validate = getattr(getattr(self, group), "validate", None)
+            if validate is not None:
+                validate()
 
     @property
     def effective_ms_context(self) -> bool:
         """V3-2: whitening + multi-scale context collapses training, so MS context is dropped."""
-        return self.use_ms_context and self.input_adapter != "whitening"
+        return self.flow.use_ms_context and self.experts.input_adapter != "whitening"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-python dict (tuples become lists) for checkpoints and JSON."""
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
-        return out
+        """Plain-python nested dict (tuples become lists) for checkpoints and JSON."""
+
+        def plain(value: Any) -> Any:  # noqa: ANN401
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return list(value) if isinstance(value, tuple) else value
+
+        return plain(asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MoLEFlowConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: Mapping[str, Any]) -> MoLEFlowConfig:
+        """Build from a nested dict (``{"flow": {...}}``) or from flat field names (configs written
+        before the groups); a mix of both works too. Unknown keys raise ``ValueError`` naming them."""
+        groups: dict[str, dict[str, Any]] = {}
+        unknown = []
+        for key, value in data.items():
+            if key in _GROUPS:
+                if isinstance(value, Mapping):
+                    groups.setdefault(key, {}).update(value)
+                else:
+                    groups[key] = value  # a group dataclass instance
+            elif key in FIELD_GROUPS:
+                group = groups.setdefault(FIELD_GROUPS[key], {})
+                if not isinstance(group, dict):
+                    group = groups[FIELD_GROUPS[key]] = asdict(group)
+                group[key] = value
+            else:
+                unknown.append(key)
         if unknown:
-            msg = f"Unknown MoLEFlowConfig field(s): {', '.join(unknown)}"
+            msg = f"Unknown MoLEFlowConfig field(s): {', '.join(sorted(unknown))}"
             raise ValueError(msg)
-        return cls(**data)
+        return cls(**groups)
 
     @classmethod
-    def from_saved(cls, data: dict[str, Any]) -> MoLEFlowConfig:
+    def from_saved(cls, data: Mapping[str, Any]) -> MoLEFlowConfig:
         """Build from a config stored in a checkpoint: a field the checkpoint predates gets the
         value that reproduces how that model was trained and scored, not today's default."""
-        return cls.from_dict({**_ABSENT_FROM_OLDER_CHECKPOINTS, **data})
+        nested = cls.from_dict(data).to_dict() if data else {}
+        present = _present_fields(data)
+        for name, value in _ABSENT_FROM_OLDER_CHECKPOINTS.items():
+            if name not in present:
+                nested.setdefault(FIELD_GROUPS[name], {})[name] = value
+        return cls.from_dict(nested)
+
+    def updated(self, overrides: Mapping[str, Any]) -> MoLEFlowConfig:
+        """A copy with ``overrides`` applied: keys ``"group.field"`` or plain field names."""
+        nested = self.to_dict()
+        for key, value in overrides.items():
+            group, _, name = key.rpartition(".")
+            group = group or FIELD_GROUPS.get(name, "")
+            if group not in _GROUPS or name not in nested[group]:
+                msg = f"Unknown MoLEFlowConfig field {key!r}"
+                raise ValueError(msg)
+            nested[group][name] = value
+        return MoLEFlowConfig.from_dict(nested)
+
+
+def _present_fields(data: Mapping[str, Any]) -> set[str]:
+    present = set()
+    for key, value in data.items():
+        if key in _GROUPS:
+            present |= set(value) if isinstance(value, Mapping) else {f.name for f in fields(_GROUPS[key])}
+        else:
+            present.add(key)
+    return present
 
 
 _ABSENT_FROM_OLDER_CHECKPOINTS: dict[str, Any] = {

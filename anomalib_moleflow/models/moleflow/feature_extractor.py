@@ -31,7 +31,7 @@ class PatchFeatureExtractor(nn.Module):
     """Images ``(B, 3, S, S)`` to patch features ``(B, H, W, C + G)`` on the finest chosen stage's grid.
 
     The first ``out_channels`` (C) channels are the patch features the flow models. When the
-    global score reads deeper stages (``config.global_score_layers``), their globally pooled
+    global score reads deeper stages (``config.scoring.global_score_layers``), their globally pooled
     maps follow as ``global_channels`` (G) more channels, the same at every grid position,
     so a cached feature tensor carries everything an image is scored and routed with.
     The backbone is frozen and always stays in eval mode.
@@ -39,36 +39,38 @@ class PatchFeatureExtractor(nn.Module):
 
     def __init__(self, config: MoLEFlowConfig) -> None:
         super().__init__()
-        self.config = config
-        self.global_layers = tuple(config.global_score_layers) if config.global_score_weight > 0 else ()
-        out_indices = tuple(sorted(set(config.layers) | set(self.global_layers)))
+        self.config = config.features
+        features = config.features
+        scoring = config.scoring
+        self.global_layers = tuple(scoring.global_score_layers) if scoring.global_score_weight > 0 else ()
+        out_indices = tuple(sorted(set(features.layers) | set(self.global_layers)))
         self.backbone = create_feature_extractor(
-            config.backbone,
+            features.backbone,
             out_indices=out_indices,
-            pretrained=config.pre_trained,
-            img_size=config.image_size,
+            pretrained=features.pre_trained,
+            img_size=features.image_size,
         )
         for param in self.backbone.parameters():
             param.requires_grad_(False)
         self.backbone.eval()
         position = {index: n for n, index in enumerate(out_indices)}
-        self._patch_maps = [position[i] for i in config.layers]
+        self._patch_maps = [position[i] for i in features.layers]
         self._global_maps = [position[i] for i in self.global_layers]
         all_channels = feature_channels(self.backbone)
         self.layer_channels = [all_channels[n] for n in self._patch_maps]
         self.global_channels = sum(all_channels[n] for n in self._global_maps)
         with torch.no_grad():
-            maps = self.backbone(torch.zeros(1, 3, config.image_size, config.image_size))
+            maps = self.backbone(torch.zeros(1, 3, features.image_size, features.image_size))
         self.backbone_grid: tuple[int, int] = tuple(maps[self._patch_maps[0]].shape[-2:])  # type: ignore[assignment]
-        step = config.grid_downsample
+        step = features.grid_downsample
         if self.backbone_grid[0] < step or self.backbone_grid[1] < step:
-            msg = f"MoLEFlowConfig.grid_downsample={step} exceeds the backbone grid {self.backbone_grid}"
+            msg = f"MoLEFlowConfig.features.grid_downsample={step} exceeds the backbone grid {self.backbone_grid}"
             raise ValueError(msg)
         self.grid_size: tuple[int, int] = (-(-self.backbone_grid[0] // step), -(-self.backbone_grid[1] // step))
-        if config.feature_dim is None:
+        if features.feature_dim is None:
             self.out_channels = sum(self.layer_channels)
         else:
-            self.out_channels = config.feature_dim
+            self.out_channels = features.feature_dim
         if self.out_channels % 2:
             self.out_channels += 1  # the coupling flow needs an even width: pad one zero channel
         pos = sinusoidal_position_embedding_2d(*self.grid_size, self.out_channels)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import math
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,26 +19,64 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_moleflow.backbones import backbone_normalization
+from anomalib_moleflow.io import safe_torch_load
 
+from .checkpoint_format import saved_settings
 from .config import MoLEFlowConfig
+from .feature_cache import FeatureCache
+from .inference_batch import RoutedInferenceBatch
 from .loss import MoLEFlowLoss
 from .torch_model import MoLEFlowModel
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode and restore every submodule's own mode afterwards."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def normalized_score_post_processor() -> PostProcessor:
+    """anomalib post-processor for scores the model already normalised per task (threshold 0.5 in
+    ``[0, 1]``): labels and masks at 0.5, values passed through."""
+    post = PostProcessor()
+    for name, value in (
+        ("_image_threshold", 0.5),
+        ("_pixel_threshold", 0.5),
+        ("image_min", 0.0),
+        ("image_max", 1.0),
+        ("pixel_min", 0.0),
+        ("pixel_max", 1.0),
+    ):
+        getattr(post, name).fill_(value)
+    return post
 
 
 class MoLEFlow(AnomalibModule):
     """MoLE-Flow: mixture of LoRA experts on a normalizing flow, for continual anomaly detection.
 
     Args:
-        config: The one configuration object (:class:`MoLEFlowConfig`, or a dict of its
-            fields). Defaults to the V4.1 design.
-        pre_processor: anomalib pre-processor, or ``True`` for resize to
-            ``config.image_size`` and the backbone's own normalisation.
+        config: The one configuration object (:class:`MoLEFlowConfig`, or a dict of its groups).
+            Defaults to the V4.1 design.
+        pre_processor: anomalib pre-processor, or ``True`` for resize to the configured image
+            size and the backbone's own normalisation.
         post_processor: anomalib post-processor or flag.
         evaluator: anomalib evaluator or flag.
         visualizer: anomalib visualizer or flag.
+        normalize_scores: Score each task on its own scale (its thresholds fitted at the end of its
+            training, threshold at 0.5): what a continual model that routes among products needs.
+            The default post-processor then only thresholds at 0.5. ``False`` (single-product use):
+            raw scores, normalised by anomalib's post-processor.
 
     Example:
         >>> from anomalib.engine import Engine
@@ -45,15 +88,17 @@ class MoLEFlow(AnomalibModule):
 
     def __init__(
         self,
-        config: MoLEFlowConfig | None = None,
+        config: MoLEFlowConfig | dict[str, Any] | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        normalize_scores: bool = False,
     ) -> None:
         if isinstance(config, dict):
             config = MoLEFlowConfig.from_dict(config)
         config = config or MoLEFlowConfig()
+        self.normalize_scores = normalize_scores  # read by configure_post_processor during super().__init__
         if pre_processor is True:
             pre_processor = self.configure_moleflow_pre_processor(config)
         super().__init__(
@@ -64,29 +109,40 @@ class MoLEFlow(AnomalibModule):
         )
         self.hparams["config"] = config.to_dict()  # plain data: loads with weights_only=True
         self.config = config
-        self.model = MoLEFlowModel(config)
-        self.loss = MoLEFlowLoss(
-            tail_weight=config.tail_weight,
-            tail_top_ratio=config.tail_top_ratio,
-            logdet_reg=config.logdet_reg,
-            center_loss_weight=config.center_loss_weight,
-            focal_gamma=config.focal_gamma,
+        self.model = MoLEFlowModel(config, normalize_scores=normalize_scores)
+        self.loss = self._build_loss(config)
+        self.feature_cache = FeatureCache()
+
+    @staticmethod
+    def _build_loss(config: MoLEFlowConfig) -> MoLEFlowLoss:
+        loss = config.loss
+        return MoLEFlowLoss(
+            tail_weight=loss.tail_weight,
+            tail_top_ratio=loss.tail_top_ratio,
+            logdet_reg=loss.logdet_reg,
+            center_loss_weight=loss.center_loss_weight,
+            focal_gamma=loss.focal_gamma,
         )
-        self._feature_cache: dict[str, torch.Tensor] = {}
-        self._train_paths: dict[str, None] = {}  # ordered set: training images of this fit
 
     @staticmethod
     def configure_moleflow_pre_processor(config: MoLEFlowConfig) -> PreProcessor:
-        """Resize to ``config.image_size`` and normalise with the backbone's statistics."""
-        mean, std = backbone_normalization(config.backbone)
-        size = (config.image_size, config.image_size)
+        """Resize to the configured image size and normalise with the backbone's statistics."""
+        mean, std = backbone_normalization(config.features.backbone)
+        size = (config.features.image_size, config.features.image_size)
         return PreProcessor(transform=Compose([Resize(size, antialias=True), Normalize(mean=list(mean), std=list(std))]))
 
+    def configure_post_processor(self) -> PostProcessor | None:
+        """anomalib's one-class post-processor, or pass-through thresholding at 0.5 when the model
+        normalises scores per task itself."""
+        if self.normalize_scores:
+            return normalized_score_post_processor()
+        return super().configure_post_processor()
+
     # ----------------------------------------------------------------- tasks
-    def add_task(self) -> str:
+    def add_task(self, name: str | None = None) -> str:
         """Add the next task expert to the torch model and return its key."""
-        self._feature_cache.clear()
-        return self.model.add_task()
+        self.feature_cache.clear()
+        return self.model.add_task(name)
 
     def setup(self, stage: str) -> None:
         """Single-task use: create the first expert when none exists yet."""
@@ -96,74 +152,122 @@ class MoLEFlow(AnomalibModule):
 
     def on_fit_start(self) -> None:
         """Features are cached per task: start each fit with an empty cache."""
-        self._feature_cache.clear()
-        self._train_paths.clear()
-
-    def fit_scoring_statistics(self) -> None:
-        """Fit the active expert's scoring statistics (position Gaussian, global score) on this
-        fit's training images.
-
-        No-op unless ``config.position_gaussian_weight`` or ``config.global_score_weight`` is > 0. Uses the feature cache when every
-        training image is in it, otherwise one pass over the training dataloader.
-        """
-        key = self.model.active_task
-        nothing_to_fit = self.model.global_score is None and self.model.position_gaussian is None
-        if nothing_to_fit or key is None or self._trainer is None:
-            return
-        from anomalib_moleflow.callbacks.router_fit import eval_mode, iter_train_features
-
-        with eval_mode(self):
-            if self._train_paths and all(p in self._feature_cache for p in self._train_paths):
-                paths = list(self._train_paths)
-                device = self.device
-                chunks = (
-                    torch.stack([self._feature_cache[p] for p in paths[i : i + 32]]).to(device)
-                    for i in range(0, len(paths), 32)
-                )
-                self.model.fit_scoring_statistics(key, chunks)
-            else:
-                self.model.fit_scoring_statistics(key, (f for _, f in iter_train_features(self.trainer, self)))
+        self.feature_cache.clear()
 
     def on_validation_epoch_start(self) -> None:
-        """Inside fit, refresh the scoring statistics so validation scores are final-form."""
-        if self._trainer is not None and self.trainer.state.fn == "fit" and self._train_paths:
-            self.fit_scoring_statistics()
+        """Inside fit, refresh the training statistics so validation scores are final-form."""
+        if self._trainer is not None and self.trainer.state.fn == "fit" and self.feature_cache.has_training:
+            with eval_mode(self):
+                self.model.fit_task_statistics(self.model.active_task, list(self.training_features()))
 
     def on_train_end(self) -> None:
-        """Fit the scoring statistics of the trained expert."""
-        self.fit_scoring_statistics()
+        """The end of a task: fit the trained expert's per-task statistics."""
+        self.fit_task_statistics()
+
+    # ----------------------------------------------------------------- per-task statistics
+    @torch.no_grad()
+    def fit_task_statistics(self) -> None:
+        """Fit every per-task statistic of the active expert: router prototype, position Gaussian and
+        global score from this fit's training images, then score normalisation and thresholds from the
+        validation images (when the data has a validation split)."""
+        key = self.model.active_task
+        if key is None or self._trainer is None:
+            return
+        with eval_mode(self):
+            chunks = list(self.training_features())
+            if chunks:
+                self.model.fit_task_statistics(key, chunks)
+            validation = self._validation_scores(key)
+            if validation is not None:
+                self.model.fit_task_thresholds(key, *validation)
+
+    def training_features(self, max_images: int | None = None) -> Iterator[torch.Tensor]:
+        """Backbone features ``(b, H, W, C)`` of this fit's training images, without gradients: from
+        the feature cache when it holds them all, else one pass over the training dataloader."""
+        if self.feature_cache.holds_all_training:
+            yield from self.feature_cache.training_chunks(self.device, max_images=max_images)
+            return
+        loader = _first_loader(self.trainer.train_dataloader) if self._trainer is not None else None
+        if loader is None:
+            return
+        seen = 0
+        for raw in loader:
+            images = self.prepare_images(raw.image.to(self.device))
+            with torch.no_grad():
+                features = self._train_features(_with_image(raw, images))
+            if max_images is not None:
+                features = features[: max_images - seen]
+            yield features
+            seen += len(features)
+            if max_images is not None and seen >= max_images:
+                return
+
+    def _validation_scores(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """Raw oracle scores ``(N,)``, maps ``(N, H, W)``, labels and masks of the validation split."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        loader = datamodule.val_dataloader() if datamodule is not None and hasattr(datamodule, "val_dataloader") else None
+        if loader is None:
+            return None
+        scores, maps, labels, masks = [], [], [], []
+        with self.model.oracle(key), self.model.raw_scores():
+            for batch in loader:
+                images, mask = self.prepare_batch(batch)
+                pred = self.model.predict_features(self._cached_features(batch, images))
+                scores.append(pred.pred_score.cpu())
+                maps.append(pred.anomaly_map[:, 0].cpu())
+                labels.append(batch.gt_label.cpu().long())
+                if mask is not None:
+                    masks.append(mask)
+        if not scores:
+            return None
+        return torch.cat(scores), torch.cat(maps), torch.cat(labels), torch.cat(masks) if masks else None
+
+    # ----------------------------------------------------------------- pre-processing
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The pre-processor's transform of raw ``(B, 3, H, W)`` images (as in training)."""
+        transform = getattr(self.pre_processor, "transform", None)
+        return transform(images) if transform is not None else images
+
+    def prepare_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pre-processed images of a raw batch, and its boolean ``(B, H, W)`` masks at the input size."""
+        images, gt_mask = batch.image.to(self.device), batch.gt_mask
+        transform = getattr(self.pre_processor, "transform", None)
+        if transform is not None:
+            images, gt_mask = transform(images, gt_mask)
+        if gt_mask is None:
+            return images, None
+        mask = gt_mask.float()
+        mask = mask[:, 0] if mask.ndim == 4 else mask
+        size = self.model.anomaly_map_generator.input_size
+        if mask.shape[-2:] != size:
+            mask = F.interpolate(mask[:, None], size=size, mode="nearest")[:, 0]
+        return images, mask.cpu() > 0.5
 
     # ----------------------------------------------------------------- steps
-    def _cached_features(self, batch: Batch) -> torch.Tensor:
-        """Backbone features, computed once per image per fit when caching is on.
-
-        The backbone is frozen and pre-processing is deterministic, so during one fit an
-        image's features never change: each training (and validation) image goes through
-        the backbone once per task instead of once per epoch.
-        """
+    def _cached_features(self, batch: Batch, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Backbone features of ``images`` (default ``batch.image``), computed once per image per fit
+        when caching is on."""
+        images = batch.image if images is None else images
         paths = getattr(batch, "image_path", None)
-        if not self.config.cache_features or paths is None:
-            return self.model.extract_features(batch.image)
-        paths = [str(p) for p in paths]
-        if all(p in self._feature_cache for p in paths):
-            return torch.stack([self._feature_cache[p] for p in paths]).to(batch.image.device)
-        features = self.model.extract_features(batch.image)
-        for path, feat in zip(paths, features, strict=True):
-            self._feature_cache[path] = feat.detach().cpu()
-        return features
+        if not self.config.features.cache_features or paths is None:
+            return self.model.extract_features(images)
+        return self.feature_cache.get(paths, images, self.model.extract_features)
 
     def _train_features(self, batch: Batch) -> torch.Tensor:
         """Features of a training batch (cached per fit)."""
-        for path in getattr(batch, "image_path", None) or ():
-            self._train_paths[str(path)] = None
+        self.feature_cache.record_training(getattr(batch, "image_path", None) or ())
         return self._cached_features(batch)
+
+    def flow_loss(self, features: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of the active expert's flow on ``features`` and its parts (without the adapter regulariser)."""
+        z, log_jac_det = self.model.flow_forward(features)
+        return self.loss(z, log_jac_det)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """NLL (+ tail and regularisers) of the active expert on one batch."""
         del args, kwargs
         features = self._train_features(batch)
-        z, log_jac_det = self.model.flow_forward(features)
-        loss, parts = self.loss(z, log_jac_det)
+        loss, parts = self.flow_loss(features)
         loss = loss + self.model.regularization()
         self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, logger=True, batch_size=len(features))
         for name, value in parts.items():
@@ -180,15 +284,26 @@ class MoLEFlow(AnomalibModule):
             predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 
+    def forward(self, batch: torch.Tensor, *args, **kwargs) -> RoutedInferenceBatch:
+        """Pre-processor, model, post-processor (as anomalib's), keeping the routed expert ``pred_task``."""
+        del args, kwargs
+        images = self.pre_processor(batch) if self.pre_processor else batch
+        predictions = self.model(images)
+        if self.post_processor and isinstance(predictions, RoutedInferenceBatch):
+            post = self.post_processor(predictions)
+            predictions = RoutedInferenceBatch(**post._asdict(), pred_task=predictions.pred_task)
+        return predictions
+
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the active task's trainable parameters, cosine schedule with warm-up."""
         key = self.model.active_task
         params = self.model.prepare_task_training(key)
-        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        optim = self.config.optim
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         max_epochs = max(1, self.trainer.max_epochs or 1) if self._trainer is not None else 1
-        warmup = int(total * self.config.warmup_epochs / max_epochs)
+        warmup = int(total * optim.warmup_epochs / max_epochs)
 
         def schedule(step: int) -> float:
             if step < warmup:
@@ -202,7 +317,7 @@ class MoLEFlow(AnomalibModule):
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         """Gradient clipping from the config; no sanity validation."""
-        return {"gradient_clip_val": self.config.grad_clip, "num_sanity_val_steps": 0}
+        return {"gradient_clip_val": self.config.optim.grad_clip, "num_sanity_val_steps": 0}
 
     @property
     def learning_type(self) -> LearningType:
@@ -210,18 +325,63 @@ class MoLEFlow(AnomalibModule):
         return LearningType.ONE_CLASS
 
     # ----------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record which experts exist so loading can rebuild them first."""
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["moleflow_task_keys"] = list(self.model.task_keys)
-        checkpoint["moleflow_active_task"] = self.model.active_task
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **components: Any) -> MoLEFlow:  # noqa: ANN401
+        """The one loader: a MoLE-Flow model, in eval mode, from any checkpoint the project writes
+        (``anomalib fit``, a continual run's task checkpoint of any format), loaded with
+        ``weights_only=True``. Continual models route among their experts and score each task on
+        its own scale (threshold 0.5).
+
+        Args:
+            path: Checkpoint file.
+            **components: ``pre_processor``, ``evaluator``, ``visualizer`` overrides.
+        """
+        checkpoint = safe_torch_load(path)
+        settings = saved_settings(checkpoint, path)
+        model = cls(
+            config=settings.config,
+            normalize_scores=settings.normalize_scores,
+            post_processor=settings.has_post_processor,
+            **components,
+        )
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])
+        if model.post_processor is None and settings.normalize_scores:
+            model.post_processor = normalized_score_post_processor()
+        return model.eval()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Recreate the saved experts before Lightning loads the state dict."""
+        """Take the checkpoint's model settings (``anomalib ... --ckpt_path`` builds the module from
+        the command line first); the experts are created when the state dict loads."""
         super().on_load_checkpoint(checkpoint)
-        keys = checkpoint.get("moleflow_task_keys", [])
-        while self.model.num_tasks < len(keys):
-            self.model.add_task()
-        active = checkpoint.get("moleflow_active_task")
-        if active is not None:
-            self.model.set_task(active)
+        settings = saved_settings(checkpoint)
+        if settings.config != self.config or settings.normalize_scores != self.normalize_scores:
+            self._rebuild(settings.config, settings.normalize_scores)
+
+    def _rebuild(self, config: MoLEFlowConfig, normalize_scores: bool) -> None:
+        """Replace the torch model and loss by ones built from ``config``."""
+        self.config = config
+        self.normalize_scores = normalize_scores
+        self.hparams["config"] = config.to_dict()
+        self.hparams["normalize_scores"] = normalize_scores
+        self.model = MoLEFlowModel(config, normalize_scores=normalize_scores)
+        self.loss = self._build_loss(config)
+        self.feature_cache.clear()
+
+
+def _first_loader(loaders: Any) -> Any:  # noqa: ANN401 - a DataLoader or a collection of them
+    """The dataloader behind ``trainer.train_dataloader`` (first one if several)."""
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    return loaders
+
+
+def _with_image(batch: Any, image: torch.Tensor) -> Any:  # noqa: ANN401 - an anomalib batch
+    """Copy of ``batch`` with ``image`` replaced."""
+    if dataclasses.is_dataclass(batch):
+        return dataclasses.replace(batch, image=image)
+    batch = copy.copy(batch)
+    batch.image = image
+    return batch

@@ -43,7 +43,7 @@ class MoLEFlowLoss(nn.Module):
 
     def __init__(
         self,
-        tail_weight: float = 0.7,
+        tail_weight: float = 1.0,
         tail_top_ratio: float = 0.02,
         logdet_reg: float = 1e-4,
         center_loss_weight: float = 0.0,

@@ -3,39 +3,40 @@
 Pipeline (V4.1)::
 
     image -> backbone -> patch features (+ position embedding)
-          -> input adapter[task] -> spatial mixer (shared) -> base flow + LoRA[task]
+          -> input adapter[task] -> spatial mixer (shared) -> shared flow + LoRA[task]
           -> DIA[task] -> z, log|det J| per patch -> NLL -> anomaly map, image score
 
 Beyond the notes (each can be switched off in the config): the map adds a per-task
-position-conditional Gaussian NLL to the flow NLL (:mod:`.position_gaussian`), and the
-image score is fused with a pooled-feature Gaussian score (:mod:`.global_score`).
+position-conditional Gaussian NLL to the flow NLL, and the image score is fused with a
+pooled-feature Gaussian score (:mod:`.task_statistics`).
 
-Experts are keyed by task (``"0"``, ``"1"``, ...) in ``nn.ModuleDict``s, so every
-expert survives a checkpoint. In eval mode ``forward`` returns an ``InferenceBatch``.
+The model owns routing and every per-task state: experts are keyed by task (``"0"``, ``"1"``,
+...) in ``nn.ModuleDict``s, and the router prototypes, scoring statistics and thresholds are
+:class:`~.task_statistics.TaskStatistics` keyed the same way, all in the state dict. Loading a
+state dict creates the experts it holds. In eval mode ``forward`` returns a
+:class:`RoutedInferenceBatch`: scores, maps and the expert that scored each image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-from anomalib.data import InferenceBatch
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator
-from anomalib_moleflow.continual.routers import PrototypeRouter, TwoStageHybridRouter, pool_features
-
 from .config import MoLEFlowConfig
-from .context_modules import LightweightMSContext, SpatialMixer
-from .dia import DeepInvertibleAdapter
+from .experts import DeepInvertibleAdapter, build_input_adapter
 from .feature_extractor import PatchFeatureExtractor
-from .flow import BaseFlow
-from .global_score import GlobalScoreFusion
-from .input_adapters import build_input_adapter
+from .flow import LightweightMSContext, SharedFlow, SpatialMixer
+from .gaussian import pool_features
+from .inference_batch import RoutedInferenceBatch
 from .loss import patch_nll
-from .normalization import TaskScoreNormalizer
-from .position_gaussian import PositionGaussian
+from .routing import UNKNOWN, TaskRouter
+from .state_dict_migration import migrate_legacy_keys, task_keys_in
+from .task_statistics import GlobalScoreFusion, PositionGaussian, TaskThresholds
 
 
 class MoLEFlowModel(nn.Module):
@@ -43,9 +44,12 @@ class MoLEFlowModel(nn.Module):
 
     Args:
         config: Model configuration; defaults to the V4.1 design.
+        normalize_scores: Output each task's scores normalised by its own thresholds (its
+            threshold at 0.5) once they are fitted, as a continual model that routes among
+            products must; ``False`` outputs raw scores (for anomalib's post-processor).
     """
 
-    def __init__(self, config: MoLEFlowConfig | None = None) -> None:
+    def __init__(self, config: MoLEFlowConfig | None = None, normalize_scores: bool = False) -> None:
         super().__init__()
         self.config = config or MoLEFlowConfig()
         cfg = self.config
@@ -54,37 +58,44 @@ class MoLEFlowModel(nn.Module):
         """Patch channels the flow models (the features may carry pooled global channels after them)."""
         self.grid_size = self.feature_extractor.grid_size
         self.input_adapters = nn.ModuleDict()
-        self.spatial_mixer = SpatialMixer(self.channels, cfg.spatial_mixer_kernel) if cfg.use_spatial_mixer else None
+        self.spatial_mixer = SpatialMixer(self.channels, cfg.flow.spatial_mixer_kernel) if cfg.flow.use_spatial_mixer else None
         self.ms_context = (
-            LightweightMSContext(self.channels, cfg.ms_context_dilations) if cfg.effective_ms_context else None
+            LightweightMSContext(self.channels, cfg.flow.ms_context_dilations) if cfg.effective_ms_context else None
         )
-        self.flow = BaseFlow(self.channels, cfg)
+        self.flow = SharedFlow(self.channels, cfg)
         self.dia = nn.ModuleDict()
-        self.task_keys: list[str] = []
-        self.active_task: str | None = None
-        self.router = _build_router(cfg)
-        self.normalizer = TaskScoreNormalizer()
+        self.router = (
+            TaskRouter(
+                self.feature_extractor.total_channels,
+                mode=cfg.routing.router,
+                top_k=cfg.routing.router_top_k,
+                unknown_threshold=cfg.routing.unknown_threshold,
+            )
+            if cfg.routing.router != "none"
+            else None
+        )
+        self.thresholds = TaskThresholds()
         self.global_score = (
-            GlobalScoreFusion(self._global_input_channels(), cfg.global_score_weight)
-            if cfg.global_score_weight > 0
+            GlobalScoreFusion(self._global_input_channels(), cfg.scoring.global_score_weight)
+            if cfg.scoring.global_score_weight > 0
             else None
         )
         self.position_gaussian = (
-            PositionGaussian(self.grid_size, self.channels, cfg.position_gaussian_shrinkage)
-            if cfg.position_gaussian_weight > 0
+            PositionGaussian(self.grid_size, self.channels, cfg.scoring.position_gaussian_shrinkage)
+            if cfg.scoring.position_gaussian_weight > 0
             else None
         )
-        self.use_routing = True
-        """Route each image to an expert when at least two routable experts exist."""
-        self.normalize_scores = False
-        """Output per-task normalised scores (set once per-task statistics are fitted)."""
-        self.last_route: torch.Tensor | None = None
-        """Expert index chosen for each image of the last routed batch (-1: unknown product)."""
         self.anomaly_map_generator = AnomalyMapGenerator(
-            (cfg.image_size, cfg.image_size),
-            sigma=cfg.anomaly_map_sigma,
-            top_k=cfg.score_top_k,
+            (cfg.features.image_size, cfg.features.image_size),
+            sigma=cfg.scoring.anomaly_map_sigma,
+            top_k=cfg.scoring.score_top_k,
         )
+        self.task_keys: list[str] = []
+        self.task_names: list[str] = []
+        self.active_task: str | None = None
+        """The expert that trains (and scores, while routing is off)."""
+        self._normalize = normalize_scores
+        self._oracle_key: str | None = None
 
     # ----------------------------------------------------------------- task experts
     @property
@@ -92,32 +103,38 @@ class MoLEFlowModel(nn.Module):
         """Number of experts."""
         return len(self.task_keys)
 
-    def add_task(self) -> str:
-        """Create the next expert (identity-initialised LoRA/DIA) and return its key."""
+    @property
+    def task_statistics(self) -> list[nn.Module]:
+        """Every per-task statistics module this configuration has (router, scoring, thresholds)."""
+        return [m for m in (self.router, self.global_score, self.position_gaussian, self.thresholds) if m is not None]
+
+    def add_task(self, name: str | None = None) -> str:
+        """Create the next expert (identity-initialised LoRA/DIA), make it active, return its key.
+
+        Args:
+            name: Product name of the task (default: its key).
+        """
         index = len(self.task_keys)
         key = str(index)
         cfg = self.config
-        adapter = build_input_adapter(cfg.input_adapter, self.channels, index, cfg)
+        adapter = build_input_adapter(cfg.experts, self.channels, index)
         if adapter is not None:
             self.input_adapters[key] = adapter
-        self.flow.add_adapter(key, lora=cfg.use_lora and (index > 0 or cfg.lora_on_task0))
-        if cfg.use_dia:
-            self.dia[key] = DeepInvertibleAdapter(self.channels, cfg.dia_n_blocks, cfg.dia_hidden_ratio, cfg.dia_clamp)
-        self.normalizer.ensure_task(key)
-        if self.global_score is not None:
-            self.global_score.add_task(key)
-        if self.position_gaussian is not None:
-            self.position_gaussian.add_task(key)
-        if self.router is not None:
-            self.router.ensure_tasks([*self.task_keys, key], channels=self.feature_extractor.total_channels)
+        self.flow.add_adapter(key, lora=cfg.experts.use_lora and (index > 0 or cfg.experts.lora_on_task0))
+        if cfg.experts.use_dia:
+            experts = cfg.experts
+            self.dia[key] = DeepInvertibleAdapter(self.channels, experts.dia_n_blocks, experts.dia_hidden_ratio, experts.dia_clamp)
+        for statistics in self.task_statistics:
+            statistics.add_task(key)
         device = next(self.flow.parameters()).device
         self.to(device)
         self.task_keys.append(key)
+        self.task_names.append(str(name) if name is not None else key)
         self.set_task(key)
         return key
 
     def set_task(self, key: str | int) -> None:
-        """Make expert ``key`` the active one."""
+        """Make expert ``key`` the active one (the one that trains)."""
         key = str(key)
         if key not in self.task_keys:
             msg = f"Unknown task expert {key!r}; known: {self.task_keys}"
@@ -143,15 +160,15 @@ class MoLEFlowModel(nn.Module):
 
     def trainable_parameters(self, key: str) -> list[nn.Parameter]:
         """What trains while learning task ``key`` (V4.1: shared parts on task 0 only)."""
-        cfg = self.config
+        flow = self.config.flow
         first = self.task_keys.index(key) == 0
         shared = self.shared_parameters()
         params = self.expert_parameters(key)
-        if first or not cfg.freeze_base_after_task0:
+        if first or not flow.freeze_base_after_task0:
             params += shared["base"]
-        if first or not cfg.freeze_mixer_after_task0:
+        if first or not flow.freeze_mixer_after_task0:
             params += shared["mixer"]
-        if first or not cfg.freeze_context_after_task0:
+        if first or not flow.freeze_context_after_task0:
             params += shared["context"]
         return params
 
@@ -176,29 +193,43 @@ class MoLEFlowModel(nn.Module):
         """Frozen-backbone patch features ``(B, H, W, C)``."""
         return self.feature_extractor(images)
 
+    @contextmanager
+    def _expert(self, key: str) -> Iterator[None]:
+        """Route the shared flow's linears through expert ``key`` inside the block; the active task
+        stays as it was."""
+        if key != self.active_task:
+            self.flow.set_adapter(key)
+        try:
+            yield
+        finally:
+            if key != self.active_task:
+                self.flow.set_adapter(self.active_task)
+
     def flow_forward(self, features: torch.Tensor, key: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features to ``(z, log_jac_det)`` through expert ``key`` (default: active)."""
+        """Features to ``(z, log_jac_det)`` through expert ``key`` (default: the active one)."""
         key = key or self.active_task
         if key is None:
             msg = "MoLEFlowModel has no task expert yet: call add_task() first"
             raise RuntimeError(msg)
-        if key != self.active_task:
-            self.set_task(key)
+        if key not in self.task_keys:
+            msg = f"Unknown task expert {key!r}; known: {self.task_keys}"
+            raise KeyError(msg)
         x = features[..., : self.channels] if features.shape[-1] > self.channels else features
-        if key in self.input_adapters:
-            x = self.input_adapters[key](x)
-        if self.spatial_mixer is not None:
-            x = self.spatial_mixer(x)
-        if self.ms_context is not None:
-            x = self.ms_context(x)
-        z, log_jac_det = self.flow(x)
+        with self._expert(key):
+            if key in self.input_adapters:
+                x = self.input_adapters[key](x)
+            if self.spatial_mixer is not None:
+                x = self.spatial_mixer(x)
+            if self.ms_context is not None:
+                x = self.ms_context(x)
+            z, log_jac_det = self.flow(x)
         if key in self.dia:
             z, dia_log_jac_det = self.dia[key](z)
             log_jac_det = log_jac_det + dia_log_jac_det
         return z, log_jac_det
 
     def patch_scores(self, features: torch.Tensor, key: str | None = None) -> torch.Tensor:
-        """Per-patch NLL ``(B, H, W)`` under expert ``key``."""
+        """Per-patch flow NLL ``(B, H, W)`` under expert ``key``."""
         z, log_jac_det = self.flow_forward(features, key)
         return patch_nll(z, log_jac_det)
 
@@ -208,15 +239,14 @@ class MoLEFlowModel(nn.Module):
         key = key or self.active_task
         scores = self.patch_scores(features, key) if flow_nll is None else flow_nll
         if self.position_gaussian is not None and self.position_gaussian.fitted(key):
-            scores = scores + self.config.position_gaussian_weight * self.position_gaussian(key, features)
+            scores = scores + self.config.scoring.position_gaussian_weight * self.position_gaussian(key, features)
         return scores
 
-    def score_features(self, features: torch.Tensor, key: str | None = None) -> InferenceBatch:
+    def score_features(self, features: torch.Tensor, key: str | None = None) -> RoutedInferenceBatch:
         """Raw image scores and anomaly maps of expert ``key`` from precomputed features.
 
         The image score comes from the flow NLL (top-k mean, fused with the global score); the
-        map from :meth:`map_scores`. Measured: adding the position Gaussian to the image score
-        lowered transistor image AUROC (0.991 -> 0.985), while it raised pixel AUROC on both products.
+        map from :meth:`map_scores`.
         """
         key = key or self.active_task
         flow_nll = self.patch_scores(features, key)
@@ -224,7 +254,7 @@ class MoLEFlowModel(nn.Module):
         if self.global_score is not None:
             pred_score = self.global_score(key, pred_score, self._global_input(features))
         anomaly_map = self.anomaly_map_generator(self.map_scores(features, key, flow_nll))
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        return RoutedInferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def _global_input_channels(self) -> int:
         extractor = self.feature_extractor
@@ -236,15 +266,17 @@ class MoLEFlowModel(nn.Module):
             return features[:, 0, 0, self.channels :]
         return pool_features(features[..., : self.channels])
 
+    # ----------------------------------------------------------------- per-task statistics
     @torch.no_grad()
-    def fit_scoring_statistics(self, key: str, train_features: Iterable[torch.Tensor]) -> None:
-        """Fit expert ``key``'s position Gaussian, then its global-score fusion, on its training
-        features (each a no-op when switched off)."""
-        if self.position_gaussian is None and self.global_score is None:
-            return
+    def fit_task_statistics(self, key: str, train_features: Sequence[torch.Tensor]) -> None:
+        """Fit expert ``key``'s statistics from its training features (chunks of ``(b, H, W, C)``):
+        its router prototype, position Gaussian and global-score fusion (each when configured)."""
         chunks = list(train_features)
         if not chunks:
-            return
+            msg = f"no training features to fit task {key!r}'s statistics"
+            raise ValueError(msg)
+        if self.router is not None:
+            self.router.fit(key, torch.cat([pool_features(features) for features in chunks]))
         if self.position_gaussian is not None:
             self.position_gaussian.fit(key, chunks)
         if self.global_score is not None:
@@ -252,81 +284,112 @@ class MoLEFlowModel(nn.Module):
             flow_scores = torch.cat([self.anomaly_map_generator.image_score(self.patch_scores(f, key)) for f in chunks])
             self.global_score.fit(key, pooled, flow_scores)
 
+    @torch.no_grad()
+    def fit_task_thresholds(
+        self, key: str, pred_score: torch.Tensor, anomaly_map: torch.Tensor, label: torch.Tensor, mask: torch.Tensor | None
+    ) -> dict[str, float]:
+        """Fit expert ``key``'s score normalisation and F1-optimal thresholds from its raw scores on
+        labelled images (``pred_score (N,)``, ``anomaly_map (N, H, W)``, ``label (N,)``, ``mask (N, H, W)``)."""
+        return self.thresholds.fit_from_scores(key, pred_score, anomaly_map, label, mask)
+
     # ----------------------------------------------------------------- routing
     @property
     def routing_active(self) -> bool:
-        """Whether eval-mode ``forward`` routes images among experts."""
-        return self.use_routing and self.router is not None and getattr(self.router, "prototype", self.router).n_fitted >= 2
+        """Whether eval-mode ``forward`` routes images among experts (two or more fitted prototypes)."""
+        return self._oracle_key is None and self.router is not None and self.router.n_fitted >= 2
 
     def route(self, features: torch.Tensor) -> torch.Tensor:
         """Expert index per image ``(B,)`` in ``task_keys`` order; ``-1`` = unknown product."""
         if self.router is None:
-            msg = "routing is off (config.router='none')"
+            msg = "routing is off (config.routing.router='none')"
             raise RuntimeError(msg)
-        active = self.active_task
-        pooled = pool_features(features)
-        if isinstance(self.router, TwoStageHybridRouter):
-            route = self.router(pooled, features, self.patch_scores)
-        else:
-            route = self.router(pooled)
-        if active is not None:
-            self.set_task(active)
-        return route
+        return self.router(pool_features(features), features, self.patch_scores)
 
     @contextmanager
     def oracle(self, key: str | int) -> Iterator[None]:
-        """Score with expert ``key`` (true task id) instead of routing, inside the block."""
-        previous, before = self.use_routing, self.active_task
-        self.use_routing = False
-        self.set_task(key)
+        """Score with expert ``key`` (the true task id) instead of routing, inside the block."""
+        key = str(key)
+        if key not in self.task_keys:
+            msg = f"Unknown task expert {key!r}; known: {self.task_keys}"
+            raise KeyError(msg)
+        previous, self._oracle_key = self._oracle_key, key
         try:
             yield
         finally:
-            self.use_routing = previous
-            if before is not None:
-                self.set_task(before)
+            self._oracle_key = previous
 
+    @contextmanager
+    def raw_scores(self) -> Iterator[None]:
+        """Output raw (not per-task normalised) scores inside the block."""
+        previous, self._normalize = self._normalize, False
+        try:
+            yield
+        finally:
+            self._normalize = previous
+
+    @property
+    def normalizes_scores(self) -> bool:
+        """Whether scores come out per-task normalised (for tasks whose thresholds are fitted)."""
+        return self._normalize
+
+    # ----------------------------------------------------------------- eval output
     def _scored(self, features: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.score_features(features, key)
-        if self.normalize_scores and self.normalizer.fitted(key):
-            return self.normalizer.normalize(key, batch.pred_score, batch.anomaly_map)
+        if self._normalize and self.thresholds.fitted(key):
+            return self.thresholds.normalize(key, batch.pred_score, batch.anomaly_map)
         return batch.pred_score, batch.anomaly_map
 
-    def predict_features(self, features: torch.Tensor) -> InferenceBatch:
-        """Eval output from features: routed among experts, or the active expert."""
+    def predict_features(self, features: torch.Tensor) -> RoutedInferenceBatch:
+        """Eval output from features: routed among experts, or the oracle / active expert."""
         if not self.routing_active:
-            pred_score, anomaly_map = self._scored(features, self.active_task)
-            return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
-        active = self.active_task
+            key = self._oracle_key or self.active_task
+            pred_score, anomaly_map = self._scored(features, key)
+            index = torch.full((features.shape[0],), self.task_keys.index(key), dtype=torch.long, device=features.device)
+            return RoutedInferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map, pred_task=index)
         route = self.route(features)
-        self.last_route = route
         # An image of no known product is flagged as fully anomalous rather than scored.
-        unknown = 1.0 if self.normalize_scores else float("inf")
+        unknown = 1.0 if self._normalize else float("inf")
         size = self.anomaly_map_generator.input_size
         pred_score = features.new_full((features.shape[0],), unknown)
         anomaly_map = features.new_full((features.shape[0], 1, *size), unknown)
         for index in route.unique().tolist():
-            if index < 0:
+            if index == UNKNOWN:
                 continue
             rows = (route == index).nonzero(as_tuple=True)[0]
             pred_score[rows], anomaly_map[rows] = self._scored(features[rows], self.task_keys[index])
-        if active is not None:
-            self.set_task(active)
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        return RoutedInferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map, pred_task=route)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | InferenceBatch:
-        """Train: ``(z, log_jac_det)`` of the active expert; eval: ``InferenceBatch``
-        (routed among experts once two or more have fitted routers)."""
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | RoutedInferenceBatch:
+        """Train: ``(z, log_jac_det)`` of the active expert; eval: :class:`RoutedInferenceBatch`
+        (routed among experts once two or more have fitted prototypes)."""
         features = self.extract_features(images)
         if self.training:
             return self.flow_forward(features)
         return self.predict_features(features)
 
+    # ----------------------------------------------------------------- checkpoints
+    def get_extra_state(self) -> dict[str, Any]:
+        """Task names and the active task (plain data: loads with ``weights_only=True``)."""
+        return {"task_names": list(self.task_names), "active_task": self.active_task}
 
-def _build_router(config: MoLEFlowConfig) -> PrototypeRouter | TwoStageHybridRouter | None:
-    if config.router == "none":
-        return None
-    prototype = PrototypeRouter(unknown_threshold=config.unknown_threshold)
-    if config.router == "hybrid":
-        return TwoStageHybridRouter(prototype, top_k=config.router_top_k)
-    return prototype
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`get_extra_state` saved (the experts exist already, see loading)."""
+        names = [str(n) for n in state.get("task_names", [])]
+        if len(names) != self.num_tasks:
+            msg = f"extra state names {len(names)} tasks, the state dict holds {self.num_tasks} experts"
+            raise RuntimeError(msg)
+        self.task_names = names
+        if state.get("active_task") is not None:
+            self.set_task(state["active_task"])
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:  # noqa: ANN401
+        """Rename keys of older checkpoints, then create the experts the state dict holds before
+        the submodules load their tensors."""
+        migrate_legacy_keys(state_dict, prefix)
+        extra = prefix + "_extra_state"
+        keys = task_keys_in(state_dict, prefix)
+        if extra not in state_dict:  # written before format 2: names are the keys, the last is active
+            state_dict[extra] = {"task_names": list(keys), "active_task": keys[-1] if keys else None}
+        while self.num_tasks < len(keys):
+            self.add_task()
+        super()._load_from_state_dict(state_dict, prefix, *args)

@@ -1,15 +1,14 @@
 """Position-conditional Gaussian patch score, added to the flow's patch NLL (beyond the notes).
 
-Per task: the mean patch feature at every grid position and one covariance of the
-residuals shared by all positions (shrunk toward a scaled identity). A patch's score is
-its Gaussian negative log-likelihood up to a constant, ``0.5 * (x - mu_p)^T P (x - mu_p)``;
-the anomaly map adds it to the flow's NLL (a product of the two densities):
+Per task: the mean patch feature at every grid position and one covariance of the residuals
+shared by all positions (shrunk toward a scaled identity). A patch's score is its Gaussian
+negative log-likelihood up to a constant, ``0.5 * (x - mu_p)^T P (x - mu_p)``; the anomaly map
+adds it to the flow's NLL (a product of the two densities)::
 
     patch score = flow NLL + weight * 0.5 * squared Mahalanobis(x, mu_p)
 
-Measured on bottle -> transistor (benchmarks/tuning/README.md): this score alone gave
-higher pixel AUROC than the flow's NLL on both products. It costs per task ``H*W*C`` means
-and a ``C x C`` precision (about 62 k numbers at a 16x16 grid of 152 channels).
+It costs per task ``H*W*C`` means and a ``C x C`` precision (about 62 k numbers at a 16x16 grid
+of 152 channels).
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .task_statistics import PerTaskStatistics
+from ..gaussian import precision_of
+from .base import TaskStatistics
 
 
 class _TaskPositionGaussian(nn.Module):
@@ -30,7 +30,7 @@ class _TaskPositionGaussian(nn.Module):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
 
-class PositionGaussian(PerTaskStatistics):
+class PositionGaussian(TaskStatistics):
     """Per-task position-conditional Gaussian over ``(B, H, W, C)`` patch features.
 
     Args:
@@ -73,12 +73,8 @@ class PositionGaussian(PerTaskStatistics):
             scatter += residual.T @ residual
         cov = scatter / (count * self.grid_size[0] * self.grid_size[1] - 1)
         scale = cov.diagonal().mean().clamp_min(1e-12)
-        cov.diagonal().add_(self.shrinkage * scale + 1e-9 * scale)
-        self.add_task(key)
-        state = self.tasks[key]
-        state.mean.copy_(mean.to(state.mean))
-        state.precision.copy_(torch.cholesky_inverse(torch.linalg.cholesky(cov)).to(state.precision))
-        self._mark_fitted(key)
+        precision = precision_of(cov, self.shrinkage * scale + 1e-9 * scale)
+        self._store(key, mean=mean, precision=precision)
 
     def forward(self, key: str, features: torch.Tensor) -> torch.Tensor:
         """``0.5 *`` squared Mahalanobis distance ``(B, H, W)`` of each patch to task ``key``'s position mean."""

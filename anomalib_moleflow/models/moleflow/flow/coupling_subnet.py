@@ -1,4 +1,4 @@
-"""Coupling subnet of the base flow: LoRA linears plus a spatial context branch.
+"""Coupling subnet of the shared flow: LoRA linears plus a spatial context branch.
 
 The affine coupling block hands the subnet the passive half ``x1`` of every patch as a
 flat ``(B*H*W, C1)`` tensor. The subnet returns ``[s, t]``: the scale branch sees
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from .config import MoLEFlowConfig
-from .lora import LoRALinear
+from ..config import MoLEFlowConfig
+from ..experts.lora import LoRALinear
 
 
 def _inverse_sigmoid(p: float) -> float:
@@ -31,20 +31,21 @@ class MoLEContextSubnet(nn.Module):
             msg = f"coupling subnet needs an even output width, got {out_channels}"
             raise ValueError(msg)
         self.half = out_channels // 2
-        hidden = max(8, int(round(config.subnet_hidden_ratio * in_channels)))
+        flow, experts = config.flow, config.experts
+        hidden = max(8, int(round(flow.subnet_hidden_ratio * in_channels)))
 
         def linear(i: int, o: int) -> LoRALinear:
             return LoRALinear(
                 i,
                 o,
-                rank=config.lora_rank,
-                alpha=config.lora_alpha,
-                scaling_rule=config.lora_scaling,
-                use_lora=config.use_lora,
-                use_task_bias=config.use_task_bias,
+                rank=experts.lora_rank,
+                alpha=experts.lora_alpha,
+                scaling_rule=experts.lora_scaling,
+                use_lora=experts.use_lora,
+                use_task_bias=experts.use_task_bias,
             )
 
-        self.use_context = config.use_context
+        self.use_context = flow.use_context
         self.grid_size: tuple[int, int] | None = None
         s_in = in_channels * 2 if self.use_context else in_channels
         self.s_hidden = linear(s_in, hidden)
@@ -55,21 +56,21 @@ class MoLEContextSubnet(nn.Module):
         self.context_conv: nn.Conv2d | None = None
         self.context_scale_param: nn.Parameter | None = None
         self.context_gate_net: nn.Sequential | None = None
-        self.context_max_alpha = config.context_max_alpha
+        self.context_max_alpha = flow.context_max_alpha
         if self.use_context:
-            k = config.context_kernel
+            k = flow.context_kernel
             self.context_conv = nn.Conv2d(in_channels, in_channels, k, padding=k // 2, groups=in_channels)
-            if config.use_context_gate:
+            if flow.use_context_gate:
                 self.context_gate_net = nn.Sequential(
-                    nn.Linear(in_channels * 2, config.context_gate_hidden),
+                    nn.Linear(in_channels * 2, flow.context_gate_hidden),
                     nn.ReLU(),
-                    nn.Linear(config.context_gate_hidden, 1),
+                    nn.Linear(flow.context_gate_hidden, 1),
                 )
                 for layer in (self.context_gate_net[0], self.context_gate_net[2]):
                     nn.init.zeros_(layer.weight)
                     nn.init.zeros_(layer.bias)
             else:
-                init = _inverse_sigmoid(config.context_init_scale / config.context_max_alpha)
+                init = _inverse_sigmoid(flow.context_init_scale / flow.context_max_alpha)
                 self.context_scale_param = nn.Parameter(torch.tensor([init]))
 
     def lora_layers(self) -> list[LoRALinear]:

@@ -1,4 +1,4 @@
-"""Base coupling flow: a FrEIA ``SequenceINN`` of all-in-one coupling blocks.
+"""The shared coupling flow: a FrEIA ``SequenceINN`` of all-in-one coupling blocks.
 
 Patches are the flow's batch: the input ``(B, H, W, C)`` is flattened to ``(B*H*W, C)``
 so the log-Jacobian determinant comes out per patch. The subnets read the grid size to
@@ -17,13 +17,14 @@ from anomalib.models.components.flow import AllInOneBlock
 from FrEIA.framework import SequenceINN
 from torch import nn
 
-from .config import MoLEFlowConfig
-from .lora import LoRALinear
-from .subnet import MoLEContextSubnet
+from ..config import MoLEFlowConfig
+from ..experts.lora import LoRALinear
+from .coupling_subnet import MoLEContextSubnet
 
 
-class BaseFlow(nn.Module):
-    """Shared normalizing flow with LoRA-capable subnets.
+class SharedFlow(nn.Module):
+    """The normalizing flow all tasks share, with LoRA-capable subnets (each task's LoRA pairs and
+    biases live in the subnets' linears).
 
     Args:
         channels: Feature width ``C`` (must be even).
@@ -41,11 +42,11 @@ class BaseFlow(nn.Module):
             return MoLEContextSubnet(c_in, c_out, config)
 
         self.inn = SequenceINN(channels)
-        for _ in range(config.n_coupling_blocks):
+        for _ in range(config.flow.n_coupling_blocks):
             self.inn.append(
                 AllInOneBlock,
                 subnet_constructor=subnet_constructor,
-                affine_clamping=config.clamp,
+                affine_clamping=config.flow.clamp,
                 permute_soft=False,
             )
 

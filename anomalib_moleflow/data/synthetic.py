@@ -1,14 +1,22 @@
-"""Generate tiny MVTec AD-layout task folders whose products look clearly different.
+"""Synthetic products in the MVTec AD folder layout, for tests, benchmarks and notebooks.
 
-``tests/conftest.py`` has one fixed "widget" texture (``make_widget_dataset``); a continual
-stream needs several products that a router can tell apart, so this module draws each
-product from a :class:`Style` (base colour + texture) and paints defects as blobs of a
+Each product is drawn from a :class:`Style` (base colour + texture); defects are grainy blobs of a
 contrasting colour, with their masks::
 
     <root>/<name>/train/good/000.png ...
     <root>/<name>/test/good/000.png ...
     <root>/<name>/test/<defect>/000.png ...
     <root>/<name>/ground_truth/<defect>/000_mask.png ...
+
+:data:`PRODUCTS` holds fifteen products that differ in colour and texture or period (the scale
+benchmark's stream); :data:`STYLES` are its first four. The textured products' random phase gives
+each product's images some spread; a plain product (``gray_plain``) has almost none, so the
+prototype router's covariance for it is tiny and its *defective* images can land nearer another
+product's prototype.
+
+Example:
+    >>> from anomalib_moleflow.data.synthetic import make_stream
+    >>> root = make_stream("/tmp/products", ["red_stripes", "blue_checker"])  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["STYLES", "Style", "make_stream", "make_task", "product_image"]
+__all__ = ["PRODUCTS", "STYLES", "Style", "make_products", "make_stream", "make_task", "product_image"]
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,7 @@ def make_task(
     Args:
         root: Folder that holds the task folders (the stream's ``data.root``).
         name: Category folder name.
-        style: A :class:`Style`, a key of :data:`STYLES`, or ``None`` for ``STYLES[name]``.
+        style: A :class:`Style`, a key of :data:`PRODUCTS`, or ``None`` for ``PRODUCTS[name]``.
         n_train: Defect-free training images.
         n_good: Defect-free test images.
         n_defect: Defective test images (each with a mask).
@@ -112,7 +120,10 @@ def make_task(
     if style is None:
         style = name
     if isinstance(style, str):
-        style = STYLES[style]
+        if style not in PRODUCTS:
+            msg = f"unknown synthetic product {style!r}; known: {', '.join(PRODUCTS)}"
+            raise KeyError(msg)
+        style = PRODUCTS[style]
     rng = np.random.default_rng(seed)
     task = Path(root) / name
     folders = {
@@ -135,7 +146,65 @@ def make_task(
 
 
 def make_stream(root: str | Path, names: list[str] | tuple[str, ...], **kwargs: object) -> Path:
-    """:func:`make_task` for each name (a key of :data:`STYLES`); returns ``root``."""
+    """:func:`make_task` for each name (a key of :data:`PRODUCTS`), seeded by its position; returns ``root``."""
     for index, name in enumerate(names):
         make_task(root, name, seed=index, **kwargs)  # type: ignore[arg-type]
     return Path(root)
+
+
+def _contrast(color: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A defect colour far from ``color``: its complement, or green/white when that is too close."""
+    complement = tuple(255 - c for c in color)
+    if sum(abs(a - b) for a, b in zip(color, complement, strict=True)) >= 200:
+        return complement  # type: ignore[return-value]
+    return (20, 200, 20) if sum(color) > 300 else (250, 250, 250)
+
+
+def _style(color: tuple[int, int, int], pattern: str, period: float = 8.0) -> Style:
+    return Style(color=color, pattern=pattern, period=period, defect_color=_contrast(color))
+
+
+#: Product name -> look, in stream order; the first four are :data:`STYLES`.
+PRODUCTS: dict[str, Style] = {
+    **STYLES,
+    "orange_checker": _style((230, 130, 30), "checker", 8.0),
+    "yellow_stripes": _style((220, 210, 60), "stripes", 16.0),
+    "purple_dots": _style((130, 50, 170), "dots", 8.0),
+    "teal_stripes": _style((30, 150, 150), "stripes", 12.0),
+    "pink_stripes": _style((240, 150, 190), "stripes", 20.0),
+    "brown_checker": _style((120, 70, 30), "checker", 24.0),
+    "navy_dots": _style((25, 30, 90), "dots", 20.0),
+    "olive_stripes": _style((110, 120, 30), "stripes", 24.0),
+    "cyan_checker": _style((90, 220, 240), "checker", 12.0),
+    "cream_dots": _style((240, 230, 200), "dots", 16.0),
+    "lime_checker": _style((160, 230, 40), "checker", 20.0),
+}
+
+
+def make_products(
+    root: str | Path,
+    n_tasks: int,
+    n_train: int = 16,
+    n_test: int = 8,
+    size: int = 256,
+    seed: int = 0,
+) -> list[str]:
+    """Write the first ``n_tasks`` products of :data:`PRODUCTS` under ``root``; return their names.
+
+    Each product gets ``n_train`` normal training images and ``n_test`` test images, half
+    of them (rounded down, at least one) defective with masks, the rest good (at least one).
+    """
+    if not 1 <= n_tasks <= len(PRODUCTS):
+        msg = f"n_tasks must be in [1, {len(PRODUCTS)}], got {n_tasks}"
+        raise ValueError(msg)
+    if n_test < 2:
+        msg = f"n_test must be >= 2 (one good and one defective image), got {n_test}"
+        raise ValueError(msg)
+    n_defect = max(1, n_test // 2)
+    names = list(PRODUCTS)[:n_tasks]
+    for index, name in enumerate(names):
+        make_task(
+            root, name, style=PRODUCTS[name], n_train=n_train, n_good=n_test - n_defect, n_defect=n_defect,
+            size=size, seed=seed + index,
+        )  # fmt: skip
+    return names

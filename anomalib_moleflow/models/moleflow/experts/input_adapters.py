@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import ExpertConfig
+
 
 class WhiteningAdapter(nn.Module):
     """Whitening then constrained task-specific de-whitening, on ``(B, H, W, C)``."""
@@ -85,9 +87,9 @@ class FiLMAdapter(nn.Module):
         return self.film_gamma.new_zeros(())
 
 
-def build_input_adapter(kind: str, channels: int, task_index: int, config: object) -> nn.Module | None:
+def build_input_adapter(config: ExpertConfig, channels: int, task_index: int) -> nn.Module | None:
     """Factory for the configured adapter kind (``None`` for ``"none"``)."""
-    if kind == "whitening":
+    if config.input_adapter == "whitening":
         return WhiteningAdapter(
             channels,
             task_index,
@@ -95,6 +97,6 @@ def build_input_adapter(kind: str, channels: int, task_index: int, config: objec
             beta_max=config.whitening_beta_max,
             identity_reg=config.whitening_identity_reg,
         )
-    if kind == "film":
+    if config.input_adapter == "film":
         return FiLMAdapter(channels, task_index)
     return None

@@ -1,0 +1,82 @@
+"""Crash-safe file writing: a temporary file in the target's folder, flushed, ``fsync``-ed and moved
+over the target with :func:`os.replace`, so a run killed mid-write leaves the old file or the new
+one, never half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+__all__ = ["atomic_open", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename in ``directory`` (best effort; not possible on every OS)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path``; on clean exit move it over ``path``.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    if mode not in ("w", "wb"):
+        msg = f"atomic_open needs mode 'w' or 'wb', got {mode!r}"
+        raise ValueError(msg)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
+            # mkstemp makes the file 0600; give it the old file's mode, or rw-r--r--.
+            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_open(path, "w", encoding=encoding) as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:  # noqa: ANN401 - any JSON value
+    """Write ``obj`` as strict JSON (``NaN`` is refused; use ``None``) atomically."""
+    text = json.dumps(obj, indent=indent, allow_nan=False) + "\n"
+    return atomic_write_text(path, text)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:  # noqa: ANN401 - anything torch.save takes
+    """``torch.save(obj, path)`` through a temporary file, flushed, fsync-ed and renamed."""
+    with atomic_open(path, "wb") as handle:
+        torch.save(obj, handle)
+    return Path(path)

@@ -1,0 +1,174 @@
+"""Task routing: which expert scores a test image when the task id is hidden.
+
+:class:`TaskRouter` keeps per task the mean and precision of globally pooled backbone features
+(a :class:`~.task_statistics.TaskStatistics`, fitted with the expert's other statistics) and
+routes in one of two modes:
+
+* ``prototype``: to the Mahalanobis-nearest task (as the public MoLE-Flow code);
+* ``hybrid`` (notes V3-5, two stages): shortlist the ``top_k`` nearest prototypes, then let the
+  candidate experts' likelihoods decide: the highest image log-likelihood, taken as minus the
+  *mean* per-patch NLL (every candidate scores the same patches, so mean and sum decide alike).
+
+Unknown products (off by default): at fit time each task gets a calibration distance, the
+``calibration_quantile`` (0.99) of *cross-fitted* distances of its training images (each fold
+scored against a prototype fitted on the other folds, so it is not biased low by in-sample
+fitting). With ``unknown_threshold = t`` an image is :data:`UNKNOWN` when its distance to the
+routed task exceeds ``t`` times that task's calibration distance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .gaussian import fit_gaussian, mahalanobis
+from .task_statistics import TaskStatistics
+
+UNKNOWN = -1
+"""Task index of an image that no known task accepts."""
+
+ExpertNLL = Callable[[torch.Tensor, str], torch.Tensor]
+"""``(features (b, H, W, C), task key) -> per-patch NLL (b, H, W)`` of that task's expert."""
+
+
+class _TaskPrototype(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("precision", torch.zeros(channels, channels))
+        self.register_buffer("calibration", torch.zeros(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+
+class TaskRouter(TaskStatistics):
+    """Prototype (or two-stage hybrid) router over pooled backbone features.
+
+    Args:
+        channels: Width of the pooled features.
+        mode: ``"prototype"`` or ``"hybrid"``.
+        top_k: Hybrid shortlist length.
+        unknown_threshold: Multiple of a task's calibration distance beyond which an image is
+            "unknown product"; ``None`` disables the flag.
+        calibration_quantile: Quantile of cross-fitted training distances used as a task's
+            calibration distance.
+        calibration_folds: Folds for cross-fitting (in-sample when there are fewer than
+            ``2 * folds`` images).
+        ridge: Ridge added to the shrunk covariance, relative to its mean variance.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        mode: str = "prototype",
+        top_k: int = 2,
+        unknown_threshold: float | None = None,
+        calibration_quantile: float = 0.99,
+        calibration_folds: int = 5,
+        ridge: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if mode not in ("prototype", "hybrid"):
+            msg = f"TaskRouter mode must be 'prototype' or 'hybrid', got {mode!r}"
+            raise ValueError(msg)
+        self.channels = channels
+        self.mode = mode
+        self.top_k = top_k
+        self.unknown_threshold = unknown_threshold
+        self.calibration_quantile = calibration_quantile
+        self.calibration_folds = calibration_folds
+        self.ridge = ridge
+
+    def _new_task(self) -> nn.Module:
+        return _TaskPrototype(self.channels)
+
+    # ----------------------------------------------------------------- fitting
+    @torch.no_grad()
+    def fit(self, key: str, pooled: torch.Tensor) -> None:
+        """Fit (or refit) task ``key`` on its training images' pooled features ``(N, C)``."""
+        if pooled.dim() != 2 or pooled.shape[0] < 1:
+            msg = f"TaskRouter.fit expects pooled features (N, C) with N >= 1, got shape {tuple(pooled.shape)}"
+            raise ValueError(msg)
+        if pooled.shape[1] != self.channels:
+            msg = f"TaskRouter.fit got {pooled.shape[1]} channels, the router has {self.channels}"
+            raise ValueError(msg)
+        x = pooled.detach().double()
+        mean, precision = fit_gaussian(x, self.ridge)
+        self._store(key, mean=mean, precision=precision, calibration=self._calibrate(x, mean, precision))
+
+    def _calibrate(self, x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> float:
+        """Quantile of cross-fitted (or, for tiny sets, in-sample) training distances."""
+        n, folds = x.shape[0], self.calibration_folds
+        if folds >= 2 and n >= 2 * folds:
+            fold = torch.arange(n, device=x.device) % folds
+            dist = torch.empty(n, dtype=x.dtype, device=x.device)
+            for f in range(folds):
+                held = fold == f
+                fold_mean, fold_precision = fit_gaussian(x[~held], self.ridge)
+                dist[held] = mahalanobis(x[held], fold_mean, fold_precision)
+        else:
+            dist = mahalanobis(x, mean, precision)
+        value = torch.quantile(dist, self.calibration_quantile).item()
+        return max(value, 1e-12)
+
+    # ----------------------------------------------------------------- routing
+    def distances(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance ``(B, T)`` to every task in ``task_keys`` order (``inf`` while unfitted)."""
+        if len(self.tasks) == 0:
+            msg = "TaskRouter has no task yet: fit one first"
+            raise RuntimeError(msg)
+        columns = [
+            mahalanobis(pooled.to(state.mean.device), state.mean, state.precision)
+            if self.fitted(key)
+            else torch.full((len(pooled),), float("inf"), dtype=torch.float64, device=state.mean.device)
+            for key, state in self.tasks.items()
+        ]
+        return torch.stack(columns, dim=1).float()
+
+    def calibrations(self) -> torch.Tensor:
+        """Calibration distance ``(T,)`` of each task."""
+        return torch.stack([state.calibration for state in self.tasks.values()])
+
+    def flag_unknown(self, distances: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """Replace ``choice`` by :data:`UNKNOWN` where the chosen task's distance exceeds
+        ``unknown_threshold`` times its calibration distance (no-op when disabled)."""
+        if self.unknown_threshold is None:
+            return choice
+        chosen = distances.gather(1, choice[:, None]).squeeze(1)
+        limit = self.unknown_threshold * self.calibrations().to(distances)[choice]
+        return torch.where(chosen > limit, torch.full_like(choice, UNKNOWN), choice)
+
+    @torch.no_grad()
+    def forward(self, pooled: torch.Tensor, features: torch.Tensor, expert_nll: ExpertNLL) -> torch.Tensor:
+        """Task index ``(B,)`` in ``task_keys`` order, :data:`UNKNOWN` for unknown products.
+
+        Args:
+            pooled: Pooled features ``(B, C)`` (prototype distances).
+            features: Patch features ``(B, H, W, C)`` for the hybrid mode's experts.
+            expert_nll: Per-patch NLL of ``features`` under a task's expert (hybrid mode).
+        """
+        if self.n_fitted == 0:
+            msg = "TaskRouter has no fitted task"
+            raise RuntimeError(msg)
+        distances = self.distances(pooled)
+        k = max(1, min(self.top_k, self.n_fitted)) if self.mode == "hybrid" else 1
+        if k == 1:
+            return self.flag_unknown(distances, distances.argmin(dim=1))
+        return self.flag_unknown(distances, self._by_likelihood(distances, features, expert_nll, k))
+
+    def _by_likelihood(self, distances: torch.Tensor, features: torch.Tensor, expert_nll: ExpertNLL, k: int) -> torch.Tensor:
+        """Hybrid stage 2: among the ``k`` nearest prototypes, the expert with the lowest mean patch NLL.
+        Each expert runs once per batch, on the images that shortlisted it."""
+        candidates = distances.topk(k, dim=1, largest=False).indices  # (B, k)
+        keys = self.task_keys
+        loglik = torch.full(candidates.shape, float("-inf"), device=candidates.device)
+        for task in candidates.unique().tolist():
+            hits = candidates == task  # (B, k), at most one hit per row
+            rows = hits.any(dim=1).nonzero(as_tuple=True)[0]
+            nll = expert_nll(features[rows.to(features.device)], keys[task])
+            values = -nll.flatten(1).double().mean(dim=1).to(loglik)
+            cols = hits[rows].float().argmax(dim=1)
+            loglik[rows, cols] = torch.nan_to_num(values, nan=float("-inf"))
+        best = loglik.argmax(dim=1, keepdim=True)
+        return candidates.gather(1, best).squeeze(1)

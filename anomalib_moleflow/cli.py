@@ -12,7 +12,11 @@ from collections.abc import Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from anomalib_moleflow.continual.runner import ContinualRunner, RunOptions, TrainerOptions
+from anomalib_moleflow.continual.runner import (
+    ContinualRunner,
+    RunOptions,
+    TrainerOptions,
+)
 from anomalib_moleflow.continual.task_stream import TaskStream
 from anomalib_moleflow.models.moleflow.config import MoLEFlowConfig
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -41,20 +40,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from compare_lib.markdown import markdown
+from compare_lib.names import FIGURE_KEYS, LABELS, MODELS
+from compare_lib.plots import plots
+from compare_lib.targets import ratios, targets
+from reporting import finish_meta, run_meta, write_json
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-from compare_lib.report import (
-    FIGURE_KEYS,
-    LABELS,
-    MODELS,
-    markdown,
-    plots,
-    ratios,
-    targets,
-)
 
 DEFAULT_CONFIG = REPO / "configs" / "continual" / "mvtec_real.yaml"
 
@@ -94,7 +87,7 @@ def make_spec(args: argparse.Namespace, work_dir: Path) -> Any:
                 "--data.tasks", json.dumps(list(args.categories)), "--run.output_dir", str(run_dir),
                 *shlex.split(args.moleflow_args)]
     cfg = continual_parser().parse_args(cli_args)
-    model, data, trainer = cfg.model.config, cfg.data, cfg.trainer
+    features, data, trainer = cfg.model.config.features, cfg.data, cfg.trainer
     n = len(args.categories)
     if args.epochs is None:
         later = trainer.later_task_epochs if trainer.later_task_epochs is not None else trainer.max_epochs
@@ -105,8 +98,8 @@ def make_spec(args: argparse.Namespace, work_dir: Path) -> Any:
         msg = f"--epochs takes 1 or {n} values, got {args.epochs}"
         raise SystemExit(msg)
     return Spec(
-        root=str(args.root), tasks=list(args.categories), backbone=model.backbone, out_indices=list(model.layers),
-        image_size=int(model.image_size), train_batch_size=data.train_batch_size,
+        root=str(args.root), tasks=list(args.categories), backbone=features.backbone,
+        out_indices=list(features.layers), image_size=int(features.image_size), train_batch_size=data.train_batch_size,
         eval_batch_size=data.eval_batch_size, num_workers=data.num_workers, epochs=epochs,
         coreset_ratio=args.coreset_ratio, timing_repeats=args.timing_repeats, timing_warmup=args.timing_warmup,
         seed=args.seed, data_seed=data.seed, moleflow_cmd=["-m", "anomalib_moleflow", "continual", *cli_args],
@@ -137,12 +130,10 @@ def run_worker(name: str, spec_path: Path, result_path: Path) -> dict[str, Any]:
     return result
 
 
-def _machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison (or one ``--worker``); returns the results dict."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_start = time.perf_counter()
     args = build_parser().parse_args(argv)
     if args.worker:
         return run_worker(args.worker, Path(args.spec), Path(args.result))
@@ -163,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name == "moleflow" and Path(spec.moleflow_dir).exists():
             shutil.rmtree(spec.moleflow_dir)  # always a complete, fresh continual run
         print(f"[compare] {name}: {LABELS[name]}", flush=True)
-        start = time.perf_counter()
+        model_start = time.perf_counter()
         try:
             if args.in_process:
                 run_worker(name, spec_path, result_path)
@@ -175,15 +166,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - report the others anyway
             errors[name] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
-        print(f"[compare] {name} done in {time.perf_counter() - start:.0f} s", flush=True)
-    import torch
-
-    command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        print(f"[compare] {name} done in {time.perf_counter() - model_start:.0f} s", flush=True)
     from compare_lib.baselines import layer_names
 
-    meta = {
-        "command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(),
-        "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    meta = finish_meta(run_meta("compare.py", argv), run_start)
+    meta.update({
         "tasks": spec.tasks, "backbone": spec.backbone, "out_indices": spec.out_indices,
         "layers": layer_names(spec.backbone, spec.out_indices), "image_size": spec.image_size,
         "fastflow_epochs": spec.epochs,
@@ -192,12 +179,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "coreset_ratio": spec.coreset_ratio, "timing_repeats": spec.timing_repeats,
         "timing_warmup": spec.timing_warmup, "moleflow_command": "python " + " ".join(shlex.quote(c) for c in spec.moleflow_cmd),
         "spec": json.loads(spec_path.read_text()), "errors": errors,
-    }
+    })
     data: dict[str, Any] = {"meta": meta, "models": models, "figure_keys": list(FIGURE_KEYS)}
     data["ratios"] = ratios(models)
     data["targets"] = targets(models, data["ratios"])
     data["plots"] = plots(data, out_dir)
-    (out_dir / "compare.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_json(out_dir / "compare.json", data)
     (out_dir / "compare.md").write_text(markdown(data))
     print(markdown(data))
     if errors:

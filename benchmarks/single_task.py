@@ -6,7 +6,7 @@ anomalib's ``Engine`` exactly as ``anomalib train`` does, with the model setting
 
     python benchmarks/single_task.py --root ../shared/data/mvtec_ad --categories bottle transistor
 
-Writes ``benchmarks/results/single_task.json`` and ``single_task.md`` (with the command).
+Writes ``<results-dir>/single_task.json`` and ``single_task.md`` (with the command).
 """
 
 from __future__ import annotations
@@ -14,20 +14,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import shlex
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
-CONFIG = Path(__file__).parent.parent / "configs" / "moleflow.yaml"
+from reporting import (
+    finish_meta,
+    header_line,
+    markdown_table,
+    peak_rss_mib,
+    run_meta,
+    write_json,
+)
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CONFIG = HERE.parent / "configs" / "moleflow.yaml"
+TABLE_HEADER = ("category", "epochs", "image AUROC", "pixel AUROC", "train s", "inference ms/img (batch 1)",
+                "peak RSS MiB")  # fmt: skip
 
 
-def _config_settings() -> tuple[dict, int]:
+def _config_settings() -> tuple[dict[str, Any], int]:
     import yaml
 
     cfg = yaml.safe_load(CONFIG.read_text())
@@ -35,7 +46,7 @@ def _config_settings() -> tuple[dict, int]:
     return model_cfg, int(cfg.get("trainer", {}).get("max_epochs", 20))
 
 
-def run_category(root: str, category: str, epochs: int | None) -> dict:
+def run_category(root: str, category: str, epochs: int | None) -> dict[str, Any]:
     """Train and test one category in this process; return its figures."""
     import torch
     from anomalib.engine import Engine
@@ -58,14 +69,13 @@ def run_category(root: str, category: str, epochs: int | None) -> dict:
     # latency: pre-processing + model + post-processing on one image, batch 1, median of 20
     model.eval()
     datamodule.setup("test")
-    images = [datamodule.test_data[i].image for i in range(20)]
+    images = [datamodule.test_data[i].image for i in range(min(20, len(datamodule.test_data)))]
     times = []
     with torch.no_grad():
         for image in images:
             t0 = time.perf_counter()
             model(image[None])
             times.append(1000.0 * (time.perf_counter() - t0))
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "category": category,
         "epochs": epochs,
@@ -75,57 +85,68 @@ def run_category(root: str, category: str, epochs: int | None) -> dict:
         "pixel_F1Score": metrics.get("pixel_F1Score"),
         "train_seconds": train_seconds,
         "inference_ms_per_image_batch1_median": statistics.median(times),
-        "peak_rss_mib": peak_mib,
+        "peak_rss_mib": peak_rss_mib()["self"],
         "trainable_parameters": sum(p.numel() for p in model.model.trainable_parameters("0")),
     }
 
 
-def main() -> None:
+def markdown(data: dict[str, Any]) -> str:
+    """``single_task.md`` from what ``single_task.json`` holds."""
+    meta = data["meta"]
+    rows = [
+        (r["category"], r["epochs"], f"{r['image_AUROC']:.4f}", f"{r['pixel_AUROC']:.4f}", f"{r['train_seconds']:.0f}",
+         f"{r['inference_ms_per_image_batch1_median']:.1f}", f"{r['peak_rss_mib']:.0f}")
+        for r in data["results"]
+    ]  # fmt: skip
+    lines = [
+        "# MoLE-Flow, single task (one model per category)",
+        "",
+        f"{header_line(meta)} Model settings from `{meta['config']}`.",
+        "",
+        *markdown_table(TABLE_HEADER, rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _run_one(args: argparse.Namespace, category: str) -> dict[str, Any]:
+    """``run_category`` in a fresh subprocess (its own peak memory)."""
+    cmd = [sys.executable, __file__, "--root", args.root, "--one", category]
+    if args.epochs:
+        cmd += ["--epochs", str(args.epochs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603 - our own interpreter
+    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
+    if out.returncode != 0 or line is None:
+        sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
+        raise SystemExit(f"benchmark of {category} failed (exit {out.returncode})")
+    return json.loads(line.removeprefix("BENCH_JSON "))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Benchmark every category (or, with ``--one``, one category in this process)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="../shared/data/mvtec_ad")
     parser.add_argument("--categories", nargs="+", default=["bottle", "transistor"])
     parser.add_argument("--epochs", type=int, default=None, help="default: trainer.max_epochs of configs/moleflow.yaml")
+    parser.add_argument("--results-dir", default=str(RESULTS), help="where single_task.{json,md} go")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one category, print JSON
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.one:
         print("BENCH_JSON " + json.dumps(run_category(args.root, args.one, args.epochs)))
-        return
+        return None
+    start = time.perf_counter()
     rows = []
     for category in args.categories:
-        cmd = [sys.executable, __file__, "--root", args.root, "--one", category]
-        if args.epochs:
-            cmd += ["--epochs", str(args.epochs)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
-        if out.returncode != 0 or line is None:
-            sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
-            raise SystemExit(f"benchmark of {category} failed (exit {out.returncode})")
-        rows.append(json.loads(line.removeprefix("BENCH_JSON ")))
+        rows.append(_run_one(args, category))
         print(json.dumps(rows[-1]))
-    command = "python benchmarks/single_task.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    meta = {
-        "command": command,
-        "config": str(CONFIG.relative_to(CONFIG.parent.parent)),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "single_task.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    lines = [
-        "# MoLE-Flow, single task (one model per category)",
-        "",
-        f"Command: `{command}` ({meta['date']}, {meta['machine']}; model settings from `{meta['config']}`).",
-        "",
-        "| category | epochs | image AUROC | pixel AUROC | train s | inference ms/img (batch 1) | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['category']} | {r['epochs']} | {r['image_AUROC']:.4f} | {r['pixel_AUROC']:.4f} | "
-            f"{r['train_seconds']:.0f} | {r['inference_ms_per_image_batch1_median']:.1f} | {r['peak_rss_mib']:.0f} |"
-        )
-    (RESULTS / "single_task.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    meta = finish_meta(run_meta("single_task.py", argv), start)
+    meta["config"] = str(CONFIG.relative_to(CONFIG.parent.parent))
+    data = {"meta": meta, "results": rows}
+    results = Path(args.results_dir)
+    write_json(results / "single_task.json", data)
+    (results / "single_task.md").write_text(markdown(data))
+    print(markdown(data))
+    return data
 
 
 if __name__ == "__main__":

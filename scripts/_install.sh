@@ -9,9 +9,8 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 
-# torch first, as a known-good pair for this machine type. On x86_64 these machines hold
-# torch 2.14.1 + torchvision 0.29.1 on disk; torch 2.13 (CPU) with PyPI's torchvision fails
-# to import. Override with TORCH_PACKAGES="torch==X torchvision==Y" elsewhere.
+# torch first, as a known-good pair: on x86_64, torch 2.14.1 + torchvision 0.29.1 (the project's
+# CPU machines hold both on disk); torch 2.13 (CPU) with PyPI's torchvision fails to import. Override with TORCH_PACKAGES="torch==X torchvision==Y" elsewhere.
 if [ -z "${TORCH_PACKAGES:-}" ]; then
     case "$(uname -m)" in
         aarch64 | arm64) TORCH_PACKAGES="torch==2.9.1 torchvision==0.24.1" ;;

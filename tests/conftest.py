@@ -19,9 +19,10 @@ if "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+from helpers import tiny_config as _tiny_config  # noqa: E402
+
 from anomalib_moleflow.data.synthetic import make_task  # noqa: E402
 from anomalib_moleflow.models.moleflow import MoLEFlowConfig  # noqa: E402
-from helpers import tiny_config as _tiny_config  # noqa: E402
 
 WIDGET_CATEGORY = "widget"
 

@@ -6,7 +6,12 @@ cached, and loaded through timm. Other timm names go through timm's normal downl
 """
 
 from .factory import backbone_normalization, create_feature_extractor, feature_channels
-from .registry import OFFLINE_BACKBONES, OFFLINE_TAG, offline_weights_path, register_offline_weights
+from .registry import (
+    OFFLINE_BACKBONES,
+    OFFLINE_TAG,
+    offline_weights_path,
+    register_offline_weights,
+)
 
 __all__ = [
     "OFFLINE_BACKBONES",

@@ -8,7 +8,12 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import get_pretrained_cfg, model_entrypoint, split_model_name_tag
 
 from .dinov2_onnx import DINOV2_ONNX_ARCH
-from .registry import OFFLINE_BACKBONES, offline_arch, offline_weights_path, register_offline_weights
+from .registry import (
+    OFFLINE_BACKBONES,
+    offline_arch,
+    offline_weights_path,
+    register_offline_weights,
+)
 
 __all__ = ["backbone_normalization", "create_feature_extractor", "feature_channels"]
 

@@ -17,10 +17,10 @@ from anomalib_moleflow.models.moleflow import MoLEFlow
 
 from .metrics import image_and_pixel_metrics
 
-__all__ = ["evaluate_task", "test_loader"]
+__all__ = ["evaluate_task", "loader_of_test_split"]
 
 
-def test_loader(datamodule: AnomalibDataModule) -> DataLoader:
+def loader_of_test_split(datamodule: AnomalibDataModule) -> DataLoader:
     """The test dataloader of a (not yet set up) datamodule."""
     datamodule.setup("test")
     return datamodule.test_dataloader()
@@ -39,7 +39,7 @@ def evaluate_task(model: MoLEFlow, datamodule: AnomalibDataModule, task_index: i
     model.eval()
     routed_scores, routed_maps, oracle_scores, oracle_maps = [], [], [], []
     labels, masks, correct, total, seconds = [], [], 0, 0, 0.0
-    for batch in test_loader(datamodule):
+    for batch in loader_of_test_split(datamodule):
         images, mask = model.prepare_batch(batch)
         start = time.perf_counter()
         features = torch_model.extract_features(images)

@@ -4,7 +4,10 @@ raw or normalised scores."""
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+)
 
 __all__ = ["image_and_pixel_metrics", "unit_range"]
 

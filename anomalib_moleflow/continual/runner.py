@@ -47,7 +47,7 @@ class TrainerOptions:
     later_task_epochs: int | None = None
     """Epochs for tasks after the first (``None``: ``max_epochs``). Later tasks train only their
     small expert on a frozen base; on transistor after bottle, 16 epochs instead of 8 raised
-    pixel AUROC from 0.895 to 0.947 (benchmarks/tuning/README.md)."""
+    pixel AUROC from 0.895 to 0.947 (tuning record in the model README)."""
     accelerator: str = "cpu"
     devices: int = 1
     enable_progress_bar: bool = False

@@ -22,7 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from anomalib.data import MVTecAD
-from anomalib.data.datasets.image.mvtecad import CATEGORIES, IMG_EXTENSIONS, MVTecADDataset
+from anomalib.data.datasets.image.mvtecad import (
+    CATEGORIES,
+    IMG_EXTENSIONS,
+    MVTecADDataset,
+)
 from anomalib.data.utils import Split, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
 

@@ -37,10 +37,9 @@ from anomalib_moleflow.backbones import (
     feature_channels,
     register_offline_weights,
 )
-from anomalib_moleflow.continual.metrics import ContinualResults
+from anomalib_moleflow.continual.results_tables import ContinualResults
 
 from .common import (
-    METRICS,
     Spec,
     evaluate,
     mean_of,
@@ -51,6 +50,7 @@ from .common import (
     timing_batch,
     train_images,
 )
+from .names import METRICS
 
 
 def layer_names(backbone: str, out_indices: list[int]) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -14,14 +13,14 @@ from typing import Any
 
 import torch
 from anomalib.pre_processing import PreProcessor
+from reporting import peak_rss_mib as _peak_rss
 from torch import nn
 
-from anomalib_moleflow.continual.evaluation import _metrics, _prepared, _test_loader
+from anomalib_moleflow.continual.evaluation import loader_of_test_split
+from anomalib_moleflow.continual.metrics import image_and_pixel_metrics
 from anomalib_moleflow.continual.task_stream import TaskStream
 from anomalib_moleflow.models.moleflow import MoLEFlow, MoLEFlowConfig
-
-#: Quality metrics, computed for every model by MoLE-Flow's own evaluation helpers.
-METRICS: tuple[str, ...] = ("image_AUROC", "pixel_AUROC", "pixel_AP")
+from anomalib_moleflow.models.moleflow.pre_processing import prepare_batch
 
 
 @dataclass
@@ -65,8 +64,14 @@ class Spec:
 
     def pre_processor(self) -> PreProcessor:
         """MoLE-Flow's pre-processing (resize to ``image_size``, backbone normalisation), for all models."""
-        config = MoLEFlowConfig(backbone=self.backbone, image_size=self.image_size)
+        config = MoLEFlowConfig.from_dict({"features": {"backbone": self.backbone, "image_size": self.image_size}})
         return MoLEFlow.configure_moleflow_pre_processor(config)
+
+
+def prepared(model: nn.Module, batch: Any, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: ANN401
+    """Pre-processed images of a raw batch and its boolean ``(B, H, W)`` masks at ``size``, for any
+    anomalib model (every model here shares MoLE-Flow's pre-processor)."""
+    return prepare_batch(model.pre_processor, batch.image, batch.gt_mask, size)
 
 
 def train_images(model: nn.Module, stream: TaskStream, task: int) -> Iterable[torch.Tensor]:
@@ -74,7 +79,7 @@ def train_images(model: nn.Module, stream: TaskStream, task: int) -> Iterable[to
     datamodule = stream.datamodule(task)
     datamodule.setup("fit")
     for batch in datamodule.train_dataloader():
-        yield _prepared(model, batch)[0]
+        yield model.pre_processor.transform(batch.image)
 
 
 @torch.no_grad()
@@ -86,8 +91,8 @@ def evaluate(model: nn.Module, predict: Callable[[torch.Tensor], Any], stream: T
     """
     scores, maps, labels, masks = [], [], [], []
     images_size = _size(model)
-    for batch in _test_loader(stream.datamodule(task)):
-        images, mask = _prepared(model, batch, images_size)
+    for batch in loader_of_test_split(stream.datamodule(task)):
+        images, mask = prepared(model, batch, images_size)
         out = predict(images)
         scores.append(out.pred_score.reshape(-1).cpu())
         amap = out.anomaly_map
@@ -99,8 +104,8 @@ def evaluate(model: nn.Module, predict: Callable[[torch.Tensor], Any], stream: T
         if mask is not None:
             masks.append(mask)
     mask_t = torch.cat(masks) if masks else None
-    # _metrics rescales raw scores itself (no torchmetrics sigmoid on PatchCore's distances)
-    return _metrics(torch.cat(scores), torch.cat(maps), torch.cat(labels), mask_t)
+    # the metrics rescale raw scores themselves (no torchmetrics sigmoid on PatchCore's distances)
+    return image_and_pixel_metrics(torch.cat(scores), torch.cat(maps), torch.cat(labels), mask_t)
 
 
 def _size(model: nn.Module) -> tuple[int, int]:
@@ -112,7 +117,7 @@ def timing_batch(model: nn.Module, stream: TaskStream, n: int = 32) -> torch.Ten
     """``n`` pre-processed test images taken in turn from every task (the same for all models)."""
     per_task = []
     for task in range(len(stream)):
-        images = [_prepared(model, batch)[0] for batch in _test_loader(stream.datamodule(task))]
+        images = [model.pre_processor.transform(batch.image) for batch in loader_of_test_split(stream.datamodule(task))]
         per_task.append(torch.cat(images))
     rows = [per_task[i % len(per_task)][(i // len(per_task)) % len(per_task[i % len(per_task)])] for i in range(n)]
     return torch.stack(rows)
@@ -153,10 +158,8 @@ def saved_bytes(state: dict[str, Any]) -> int:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process and its finished children, MiB (Linux ``ru_maxrss`` is KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024.0
+    """Peak resident memory of this process or its largest finished child, MiB."""
+    return max(_peak_rss().values())
 
 
 def mean_of(final: dict[str, dict[str, float | None]], key: str) -> float | None:

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from anomalib_moleflow.backbones import create_feature_extractor
-from anomalib_moleflow.continual.runner import build_model, load_continual_model
-from anomalib_moleflow.models.moleflow import MoLEFlowConfig
+from anomalib_moleflow.continual.runner import build_model
+from anomalib_moleflow.models.moleflow import MoLEFlow, MoLEFlowConfig
 
-from .common import METRICS, Spec, numel, peak_rss_mib, saved_bytes, speed, timing_batch
+from .common import Spec, numel, peak_rss_mib, saved_bytes, speed, timing_batch
+from .names import METRICS
 
 
 def run_continual_cli(spec: Spec) -> float:
@@ -58,7 +59,7 @@ def run_moleflow(spec: Spec) -> dict[str, Any]:
     train_peak = peak_rss_mib()  # the CLI child has been waited for: its peak is in RUSAGE_CHILDREN
     metrics = json.loads((run_dir / "continual_metrics.json").read_text())
     ckpt = final_checkpoint(run_dir)
-    model = load_continual_model(ckpt)
+    model = MoLEFlow.from_checkpoint(ckpt)
     torch_model = model.model
     stream = spec.stream()
     images = timing_batch(model, stream)

@@ -91,3 +91,10 @@ def run_python(args: list[str] | tuple[str, ...], cwd: Path, timeout: int = 600)
     return subprocess.run(  # noqa: S603 - our own interpreter and arguments
         [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def converted_weights(name: str) -> dict[str, torch.Tensor]:
+    """The converted offline weights of backbone ``name`` (timm naming), from the weights cache."""
+    from anomalib_moleflow.backbones import offline_weights_path
+
+    return torch.load(offline_weights_path(name), map_location="cpu", weights_only=True)

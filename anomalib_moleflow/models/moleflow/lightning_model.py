@@ -20,10 +20,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_moleflow.backbones import backbone_normalization
 from anomalib_moleflow.io import safe_torch_load
 
 from .checkpoint_format import saved_settings
@@ -31,6 +28,8 @@ from .config import MoLEFlowConfig
 from .feature_cache import FeatureCache
 from .inference_batch import RoutedInferenceBatch
 from .loss import MoLEFlowLoss
+from .post_processing import normalized_score_post_processor
+from .pre_processing import moleflow_pre_processor, prepare_batch
 from .torch_model import MoLEFlowModel
 
 
@@ -44,22 +43,6 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.training = training
-
-
-def normalized_score_post_processor() -> PostProcessor:
-    """anomalib post-processor for scores the model already normalised per task (threshold 0.5 in
-    ``[0, 1]``): labels and masks at 0.5, values passed through."""
-    post = PostProcessor()
-    for name, value in (
-        ("_image_threshold", 0.5),
-        ("_pixel_threshold", 0.5),
-        ("image_min", 0.0),
-        ("image_max", 1.0),
-        ("pixel_min", 0.0),
-        ("pixel_max", 1.0),
-    ):
-        getattr(post, name).fill_(value)
-    return post
 
 
 class MoLEFlow(AnomalibModule):
@@ -127,9 +110,7 @@ class MoLEFlow(AnomalibModule):
     @staticmethod
     def configure_moleflow_pre_processor(config: MoLEFlowConfig) -> PreProcessor:
         """Resize to the configured image size and normalise with the backbone's statistics."""
-        mean, std = backbone_normalization(config.features.backbone)
-        size = (config.features.image_size, config.features.image_size)
-        return PreProcessor(transform=Compose([Resize(size, antialias=True), Normalize(mean=list(mean), std=list(std))]))
+        return moleflow_pre_processor(config)
 
     def configure_post_processor(self) -> PostProcessor | None:
         """anomalib's one-class post-processor, or pass-through thresholding at 0.5 when the model
@@ -225,23 +206,12 @@ class MoLEFlow(AnomalibModule):
     # ----------------------------------------------------------------- pre-processing
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         """The pre-processor's transform of raw ``(B, 3, H, W)`` images (as in training)."""
-        transform = getattr(self.pre_processor, "transform", None)
-        return transform(images) if transform is not None else images
+        return prepare_batch(self.pre_processor, images.to(self.device), None, self.model.anomaly_map_generator.input_size)[0]
 
     def prepare_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pre-processed images of a raw batch, and its boolean ``(B, H, W)`` masks at the input size."""
-        images, gt_mask = batch.image.to(self.device), batch.gt_mask
-        transform = getattr(self.pre_processor, "transform", None)
-        if transform is not None:
-            images, gt_mask = transform(images, gt_mask)
-        if gt_mask is None:
-            return images, None
-        mask = gt_mask.float()
-        mask = mask[:, 0] if mask.ndim == 4 else mask
         size = self.model.anomaly_map_generator.input_size
-        if mask.shape[-2:] != size:
-            mask = F.interpolate(mask[:, None], size=size, mode="nearest")[:, 0]
-        return images, mask.cpu() > 0.5
+        return prepare_batch(self.pre_processor, batch.image.to(self.device), batch.gt_mask, size)
 
     # ----------------------------------------------------------------- steps
     def _cached_features(self, batch: Batch, images: torch.Tensor | None = None) -> torch.Tensor:
@@ -291,7 +261,7 @@ class MoLEFlow(AnomalibModule):
         predictions = self.model(images)
         if self.post_processor and isinstance(predictions, RoutedInferenceBatch):
             post = self.post_processor(predictions)
-            predictions = RoutedInferenceBatch(**post._asdict(), pred_task=predictions.pred_task)
+            predictions = RoutedInferenceBatch.routed(post, predictions.pred_task)
         return predictions
 
     # ----------------------------------------------------------------- optimisation

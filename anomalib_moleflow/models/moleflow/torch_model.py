@@ -252,7 +252,7 @@ class MoLEFlowModel(nn.Module):
         flow_nll = self.patch_scores(features, key)
         pred_score = self.anomaly_map_generator.image_score(flow_nll)
         if self.global_score is not None:
-            pred_score = self.global_score(key, pred_score, self._global_input(features))
+            pred_score = self.global_score(key, pred_score, self.global_input(features))
         anomaly_map = self.anomaly_map_generator(self.map_scores(features, key, flow_nll))
         return RoutedInferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
@@ -260,7 +260,7 @@ class MoLEFlowModel(nn.Module):
         extractor = self.feature_extractor
         return extractor.global_channels or extractor.out_channels
 
-    def _global_input(self, features: torch.Tensor) -> torch.Tensor:
+    def global_input(self, features: torch.Tensor) -> torch.Tensor:
         """``(B, G)`` input of the global score: the pooled deep stages, else the pooled patch features."""
         if self.feature_extractor.global_channels:
             return features[:, 0, 0, self.channels :]
@@ -280,7 +280,7 @@ class MoLEFlowModel(nn.Module):
         if self.position_gaussian is not None:
             self.position_gaussian.fit(key, chunks)
         if self.global_score is not None:
-            pooled = torch.cat([self._global_input(features) for features in chunks])
+            pooled = torch.cat([self.global_input(features) for features in chunks])
             flow_scores = torch.cat([self.anomaly_map_generator.image_score(self.patch_scores(f, key)) for f in chunks])
             self.global_score.fit(key, pooled, flow_scores)
 

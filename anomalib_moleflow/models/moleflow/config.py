@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 InputAdapterKind = Literal["whitening", "film", "none"]
 LoRAScaling = Literal["alpha/rank", "alpha/(2*rank)"]
-RouterKind = Literal["prototype", "hybrid", "none"]
+RouterKind = Literal["memory", "prototype", "hybrid", "none"]
 
 
 def _fail(name: str, requirement: str, value: object) -> None:
@@ -193,18 +193,23 @@ class LossConfig:
 class RoutingConfig:
     """Which expert scores an image when the task id is hidden."""
 
-    router: RouterKind = "prototype"
-    """``prototype``: Mahalanobis-nearest task mean of pooled features (public code);
+    router: RouterKind = "memory"
+    """``memory`` (beyond the notes): prototype top-k, then the candidate whose patch memory is nearest
+    in the median patch (a defect is a minority of patches, so it does not decide);
+    ``prototype``: Mahalanobis-nearest task mean of pooled features (public code);
     ``hybrid``: notes V3-5 two-stage (prototype top-k, then flow likelihood); ``none``: no routing."""
     router_top_k: int = 2
+    """Shortlist length of the ``memory`` and ``hybrid`` routers (their cost does not grow with tasks)."""
+    router_memory_size: int = 1024
+    """Memory patches per task the ``memory`` router compares against (the first of the task's memory)."""
     unknown_threshold: float | None = None
     """Flag "unknown product" when the nearest prototype is farther than this multiple of the
     task's calibrated (99th-percentile) training distance; ``None`` = off."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field when a value cannot work."""
-        _one_of("routing", "router", self.router, ("prototype", "hybrid", "none"))
-        _at_least_one("routing", self, ("router_top_k",))
+        _one_of("routing", "router", self.router, ("memory", "prototype", "hybrid", "none"))
+        _at_least_one("routing", self, ("router_top_k", "router_memory_size"))
 
 
 @dataclass
@@ -224,6 +229,13 @@ class ScoringConfig:
     position-conditional Gaussian to the flow NLL; 0 keeps the notes' flow-only map."""
     position_gaussian_shrinkage: float = 0.1
     """Added to the Gaussian's covariance diagonal, as a fraction of its mean variance."""
+    patch_memory_size: int = 4096
+    """Beyond the notes: a per-task memory of this many normal training patches (random, position
+    embedding removed). The anomaly map then adds the surprisal of each patch's nearest-memory
+    distance to the surprisal of its flow + Gaussian score (each against the task's training
+    patches), and the image score adds ``patch_memory_weight`` times the z-score of the mean of the
+    ``score_top_k`` largest memory distances; the ``memory`` router uses it. 0: no memory."""
+    patch_memory_weight: float = 1.0
     anomaly_map_sigma: float = 4.0
 
     def __post_init__(self) -> None:
@@ -232,7 +244,7 @@ class ScoringConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field when a value cannot work."""
         _at_least_one("scoring", self, ("score_top_k",))
-        for name in ("global_score_weight", "position_gaussian_weight", "position_gaussian_shrinkage"):
+        for name in ("global_score_weight", "position_gaussian_weight", "position_gaussian_shrinkage", "patch_memory_size", "patch_memory_weight"):
             if getattr(self, name) < 0:
                 _fail(f"scoring.{name}", "be >= 0", getattr(self, name))
 
@@ -302,6 +314,13 @@ class MoLEFlowConfig:
             validate = getattr(getattr(self, group), "validate", None)
             if validate is not None:
                 validate()
+        if self.routing.router == "memory" and self.scoring.patch_memory_size < self.routing.router_memory_size:
+            msg = (
+                f"MoLEFlowConfig.routing.router='memory' compares {self.routing.router_memory_size} memory patches "
+                f"per task (routing.router_memory_size), but scoring.patch_memory_size is "
+                f"{self.scoring.patch_memory_size}; raise it, lower router_memory_size, or choose another router"
+            )
+            raise ValueError(msg)
 
     @property
     def effective_ms_context(self) -> bool:
@@ -380,5 +399,8 @@ _ABSENT_FROM_OLDER_CHECKPOINTS: dict[str, Any] = {
     "grid_downsample": 1,
     "global_score_weight": 0.0,
     "position_gaussian_weight": 0.0,
+    "patch_memory_size": 0,
+    "router": "prototype",
 }
-"""Fields added after the first checkpoints were written, with the behaviour those checkpoints had."""
+"""Fields a saved config may lack, with the behaviour of the checkpoints that lacked them (``router``
+defaulted to ``prototype`` before the patch memory existed)."""

@@ -5,9 +5,16 @@
 routes in one of two modes:
 
 * ``prototype``: to the Mahalanobis-nearest task (as the public MoLE-Flow code);
-* ``hybrid`` (notes V3-5, two stages): shortlist the ``top_k`` nearest prototypes, then let the
-  candidate experts' likelihoods decide: the highest image log-likelihood, taken as minus the
-  *mean* per-patch NLL (every candidate scores the same patches, so mean and sum decide alike).
+* ``hybrid`` (notes V3-5, two stages) and ``memory``: shortlist the ``top_k`` nearest prototypes,
+  then the candidate with the lowest *candidate score* wins. The model gives the score: for
+  ``hybrid`` the candidate expert's mean per-patch NLL (minus the image log-likelihood; every
+  candidate scores the same patches, so mean and sum decide alike), for ``memory`` the median
+  over the image's patches of their distance to the candidate's patch memory, which a defect,
+  a minority of the patches, does not move.
+
+The prototype distances to all tasks come from one batched product over stacked statistics, and
+stage 2 runs ``top_k`` candidates whatever the number of tasks, so routing costs about the same
+at 2 and at 15 tasks.
 
 Unknown products (off by default): at fit time each task gets a calibration distance, the
 ``calibration_quantile`` (0.99) of *cross-fitted* distances of its training images (each fold
@@ -29,8 +36,9 @@ from .task_statistics import TaskStatistics
 UNKNOWN = -1
 """Task index of an image that no known task accepts."""
 
-ExpertNLL = Callable[[torch.Tensor, str], torch.Tensor]
-"""``(features (b, H, W, C), task key) -> per-patch NLL (b, H, W)`` of that task's expert."""
+CandidateScore = Callable[[torch.Tensor, str], torch.Tensor]
+"""``(features (b, H, W, C), task key) -> score (b,)`` of the images under that task; lower wins."""
+MODES = ("prototype", "hybrid", "memory")
 
 
 class _TaskPrototype(nn.Module):
@@ -47,8 +55,8 @@ class TaskRouter(TaskStatistics):
 
     Args:
         channels: Width of the pooled features.
-        mode: ``"prototype"`` or ``"hybrid"``.
-        top_k: Hybrid shortlist length.
+        mode: ``"prototype"``, ``"hybrid"`` or ``"memory"``.
+        top_k: Shortlist length of the two-stage modes.
         unknown_threshold: Multiple of a task's calibration distance beyond which an image is
             "unknown product"; ``None`` disables the flag.
         calibration_quantile: Quantile of cross-fitted training distances used as a task's
@@ -69,8 +77,8 @@ class TaskRouter(TaskStatistics):
         ridge: float = 1e-5,
     ) -> None:
         super().__init__()
-        if mode not in ("prototype", "hybrid"):
-            msg = f"TaskRouter mode must be 'prototype' or 'hybrid', got {mode!r}"
+        if mode not in MODES:
+            msg = f"TaskRouter mode must be one of {', '.join(MODES)}, got {mode!r}"
             raise ValueError(msg)
         self.channels = channels
         self.mode = mode
@@ -79,6 +87,7 @@ class TaskRouter(TaskStatistics):
         self.calibration_quantile = calibration_quantile
         self.calibration_folds = calibration_folds
         self.ridge = ridge
+        self._stacked: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _new_task(self) -> nn.Module:
         return _TaskPrototype(self.channels)
@@ -113,18 +122,28 @@ class TaskRouter(TaskStatistics):
         return max(value, 1e-12)
 
     # ----------------------------------------------------------------- routing
+    def _statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Means ``(T, C)`` and precisions ``(T, C, C)`` in float64 and the fitted mask ``(T,)``,
+        stacked once and kept until a task's statistics change."""
+        stamp = tuple((k, self.fitted(k), t.mean.data_ptr(), t.mean._version, t.precision._version) for k, t in self.tasks.items())
+        if self._stacked is None or self._stacked[0] != stamp:
+            tasks = list(self.tasks.values())
+            means = torch.stack([t.mean.double() for t in tasks])
+            precisions = torch.stack([t.precision.double() for t in tasks])
+            fitted = torch.tensor([self.fitted(k) for k in self.tasks], device=means.device)
+            self._stacked = (stamp, means, precisions, fitted)
+        return self._stacked[1], self._stacked[2], self._stacked[3]
+
     def distances(self, pooled: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance ``(B, T)`` to every task in ``task_keys`` order (``inf`` while unfitted)."""
         if len(self.tasks) == 0:
             msg = "TaskRouter has no task yet: fit one first"
             raise RuntimeError(msg)
-        columns = [
-            mahalanobis(pooled.to(state.mean.device), state.mean, state.precision)
-            if self.fitted(key)
-            else torch.full((len(pooled),), float("inf"), dtype=torch.float64, device=state.mean.device)
-            for key, state in self.tasks.items()
-        ]
-        return torch.stack(columns, dim=1).float()
+        means, precisions, fitted = self._statistics()
+        diff = pooled.to(means.device).double()[None] - means[:, None]  # (T, B, C)
+        squared = (torch.matmul(diff, precisions) * diff).sum(dim=-1).clamp_min(0).sqrt()  # (T, B)
+        squared = torch.where(fitted[:, None], squared, torch.full_like(squared, float("inf")))
+        return squared.T.float()
 
     def calibrations(self) -> torch.Tensor:
         """Calibration distance ``(T,)`` of each task."""
@@ -140,35 +159,55 @@ class TaskRouter(TaskStatistics):
         return torch.where(chosen > limit, torch.full_like(choice, UNKNOWN), choice)
 
     @torch.no_grad()
-    def forward(self, pooled: torch.Tensor, features: torch.Tensor, expert_nll: ExpertNLL) -> torch.Tensor:
+    def forward(
+        self,
+        pooled: torch.Tensor,
+        features: torch.Tensor,
+        candidate_score: CandidateScore | None = None,
+        candidate_calibration: Callable[[str], float] | None = None,
+    ) -> torch.Tensor:
         """Task index ``(B,)`` in ``task_keys`` order, :data:`UNKNOWN` for unknown products.
 
         Args:
             pooled: Pooled features ``(B, C)`` (prototype distances).
-            features: Patch features ``(B, H, W, C)`` for the hybrid mode's experts.
-            expert_nll: Per-patch NLL of ``features`` under a task's expert (hybrid mode).
+            features: Patch features ``(B, H, W, C)`` for the two-stage modes.
+            candidate_score: Score of images under a candidate task, lower wins (two-stage modes).
+            candidate_calibration: A task's typical (99th-percentile) candidate score on its training
+                images; with it, "unknown product" compares the winner's candidate score, not its
+                prototype distance, with ``unknown_threshold`` times that scale.
         """
         if self.n_fitted == 0:
             msg = "TaskRouter has no fitted task"
             raise RuntimeError(msg)
         distances = self.distances(pooled)
-        k = max(1, min(self.top_k, self.n_fitted)) if self.mode == "hybrid" else 1
+        k = max(1, min(self.top_k, self.n_fitted)) if self.mode != "prototype" else 1
         if k == 1:
             return self.flag_unknown(distances, distances.argmin(dim=1))
-        return self.flag_unknown(distances, self._by_likelihood(distances, features, expert_nll, k))
+        if candidate_score is None:
+            msg = f"TaskRouter mode {self.mode!r} needs a candidate score"
+            raise ValueError(msg)
+        choice, best = self._by_candidate_score(distances, features, candidate_score, k)
+        if candidate_calibration is None:
+            return self.flag_unknown(distances, choice)
+        if self.unknown_threshold is None:
+            return choice
+        keys = self.task_keys
+        scale = torch.tensor([candidate_calibration(keys[i]) for i in choice.tolist()], dtype=best.dtype, device=best.device)
+        return torch.where(best > self.unknown_threshold * scale, torch.full_like(choice, UNKNOWN), choice)
 
-    def _by_likelihood(self, distances: torch.Tensor, features: torch.Tensor, expert_nll: ExpertNLL, k: int) -> torch.Tensor:
-        """Hybrid stage 2: among the ``k`` nearest prototypes, the expert with the lowest mean patch NLL.
-        Each expert runs once per batch, on the images that shortlisted it."""
+    def _by_candidate_score(
+        self, distances: torch.Tensor, features: torch.Tensor, candidate_score: CandidateScore, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2: among the ``k`` nearest prototypes, the candidate with the lowest score, and that
+        score. Each candidate task scores once per batch, the images that shortlisted it."""
         candidates = distances.topk(k, dim=1, largest=False).indices  # (B, k)
         keys = self.task_keys
-        loglik = torch.full(candidates.shape, float("-inf"), device=candidates.device)
+        scores = torch.full(candidates.shape, float("inf"), dtype=torch.float64, device=candidates.device)
         for task in candidates.unique().tolist():
             hits = candidates == task  # (B, k), at most one hit per row
             rows = hits.any(dim=1).nonzero(as_tuple=True)[0]
-            nll = expert_nll(features[rows.to(features.device)], keys[task])
-            values = -nll.flatten(1).double().mean(dim=1).to(loglik)
+            values = candidate_score(features[rows.to(features.device)], keys[task]).double().to(scores.device)
             cols = hits[rows].float().argmax(dim=1)
-            loglik[rows, cols] = torch.nan_to_num(values, nan=float("-inf"))
-        best = loglik.argmax(dim=1, keepdim=True)
-        return candidates.gather(1, best).squeeze(1)
+            scores[rows, cols] = torch.nan_to_num(values, nan=float("inf"))
+        best = scores.argmin(dim=1, keepdim=True)
+        return candidates.gather(1, best).squeeze(1), scores.gather(1, best).squeeze(1)

@@ -36,7 +36,7 @@ from .inference_batch import RoutedInferenceBatch
 from .loss import patch_nll
 from .routing import UNKNOWN, TaskRouter
 from .state_dict_migration import migrate_legacy_keys, task_keys_in
-from .task_statistics import GlobalScoreFusion, PositionGaussian, TaskThresholds
+from .task_statistics import GlobalScoreFusion, PatchMemory, PositionGaussian, TaskThresholds
 
 
 class MoLEFlowModel(nn.Module):
@@ -85,6 +85,17 @@ class MoLEFlowModel(nn.Module):
             if cfg.scoring.position_gaussian_weight > 0
             else None
         )
+        self.patch_memory = (
+            PatchMemory(
+                self.channels,
+                cfg.scoring.patch_memory_size,
+                top_k=cfg.scoring.score_top_k,
+                router_size=cfg.routing.router_memory_size,
+                position_embedding=self.feature_extractor.position_embedding[0] if cfg.features.use_position_embedding else None,
+            )
+            if cfg.scoring.patch_memory_size > 0
+            else None
+        )
         self.anomaly_map_generator = AnomalyMapGenerator(
             (cfg.features.image_size, cfg.features.image_size),
             sigma=cfg.scoring.anomaly_map_sigma,
@@ -106,7 +117,8 @@ class MoLEFlowModel(nn.Module):
     @property
     def task_statistics(self) -> list[nn.Module]:
         """Every per-task statistics module this configuration has (router, scoring, thresholds)."""
-        return [m for m in (self.router, self.global_score, self.position_gaussian, self.thresholds) if m is not None]
+        modules = (self.router, self.global_score, self.position_gaussian, self.patch_memory, self.thresholds)
+        return [m for m in modules if m is not None]
 
     def add_task(self, name: str | None = None) -> str:
         """Create the next expert (identity-initialised LoRA/DIA), make it active, return its key.
@@ -245,15 +257,20 @@ class MoLEFlowModel(nn.Module):
     def score_features(self, features: torch.Tensor, key: str | None = None) -> RoutedInferenceBatch:
         """Raw image scores and anomaly maps of expert ``key`` from precomputed features.
 
-        The image score comes from the flow NLL (top-k mean, fused with the global score); the
-        map from :meth:`map_scores`.
+        The image score comes from the flow NLL (top-k mean, fused with the global score and the
+        patch memory's score); the map from :meth:`map_scores`, fused with the memory distances.
         """
         key = key or self.active_task
         flow_nll = self.patch_scores(features, key)
         pred_score = self.anomaly_map_generator.image_score(flow_nll)
         if self.global_score is not None:
             pred_score = self.global_score(key, pred_score, self.global_input(features))
-        anomaly_map = self.anomaly_map_generator(self.map_scores(features, key, flow_nll))
+        patch_scores = self.map_scores(features, key, flow_nll)
+        if self.patch_memory is not None and self.patch_memory.fitted(key):
+            distances = self.patch_memory.distances(key, features)
+            pred_score = pred_score + self.config.scoring.patch_memory_weight * self.patch_memory.image_z(key, distances)
+            patch_scores = self.patch_memory.fuse_map(key, patch_scores, distances)
+        anomaly_map = self.anomaly_map_generator(patch_scores)
         return RoutedInferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def _global_input_channels(self) -> int:
@@ -270,7 +287,8 @@ class MoLEFlowModel(nn.Module):
     @torch.no_grad()
     def fit_task_statistics(self, key: str, train_features: Sequence[torch.Tensor]) -> None:
         """Fit expert ``key``'s statistics from its training features (chunks of ``(b, H, W, C)``):
-        its router prototype, position Gaussian and global-score fusion (each when configured)."""
+        its router prototype, position Gaussian, global-score fusion and patch memory (each when
+        configured; the memory last, as it references the map scores of the others)."""
         chunks = list(train_features)
         if not chunks:
             msg = f"no training features to fit task {key!r}'s statistics"
@@ -283,6 +301,8 @@ class MoLEFlowModel(nn.Module):
             pooled = torch.cat([self.global_input(features) for features in chunks])
             flow_scores = torch.cat([self.anomaly_map_generator.image_score(self.patch_scores(f, key)) for f in chunks])
             self.global_score.fit(key, pooled, flow_scores)
+        if self.patch_memory is not None:
+            self.patch_memory.fit(key, chunks, lambda f: self.map_scores(f, key))
 
     @torch.no_grad()
     def fit_task_thresholds(
@@ -303,7 +323,15 @@ class MoLEFlowModel(nn.Module):
         if self.router is None:
             msg = "routing is off (config.routing.router='none')"
             raise RuntimeError(msg)
-        return self.router(pool_features(features), features, self.patch_scores)
+        calibration = self.patch_memory.routing_calibration if self.config.routing.router == "memory" else None
+        return self.router(pool_features(features), features, self._candidate_score, calibration)
+
+    def _candidate_score(self, features: torch.Tensor, key: str) -> torch.Tensor:
+        """Stage-2 routing score ``(b,)`` of images under task ``key`` (lower wins): the median
+        memory distance (``memory`` router) or the expert's mean patch NLL (``hybrid``)."""
+        if self.config.routing.router == "memory":
+            return self.patch_memory.routing_score(key, features)
+        return self.patch_scores(features, key).flatten(1).double().mean(dim=1)
 
     @contextmanager
     def oracle(self, key: str | int) -> Iterator[None]:

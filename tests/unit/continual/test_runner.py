@@ -444,19 +444,24 @@ def test_missing_category_fails_before_training(
 def test_checkpoint_from_before_the_position_gaussian_loads_and_scores_without_it(
     finished_run: FinishedRun, tmp_path: Path,
 ) -> None:
-    """A checkpoint written before ``position_gaussian_weight`` existed has neither the field nor the
-    Gaussian's buffers: it loads, and scores with the flow map it was evaluated with."""
+    """A checkpoint written before ``position_gaussian_weight`` (and the patch memory) existed has
+    neither the fields nor their buffers: it loads, and scores with the flow map it was evaluated with."""
     checkpoint, state = load_run_checkpoint(finished_run.checkpoint(1))
-    scoring = checkpoint["hyper_parameters"]["config"]["scoring"]
-    assert scoring["position_gaussian_weight"] > 0
-    del scoring["position_gaussian_weight"]
-    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "position_gaussian" not in k}
+    config = checkpoint["hyper_parameters"]["config"]
+    assert config["scoring"]["position_gaussian_weight"] > 0
+    for group, name in (("scoring", "position_gaussian_weight"), ("scoring", "patch_memory_size"),
+                        ("scoring", "patch_memory_weight"), ("routing", "router"), ("routing", "router_memory_size")):  # fmt: skip
+        del config[group][name]
+    checkpoint["state_dict"] = {
+        k: v for k, v in checkpoint["state_dict"].items() if "position_gaussian" not in k and "patch_memory" not in k
+    }
     del checkpoint["anomalib_moleflow_continual"], checkpoint["run_state"]
     path = save_run_checkpoint(tmp_path / "older.ckpt", state, checkpoint)
 
     older = MoLEFlow.from_checkpoint(path)
     current = MoLEFlow.from_checkpoint(finished_run.checkpoint(1))
     assert older.model.position_gaussian is None and current.model.position_gaussian is not None
+    assert older.model.patch_memory is None and older.model.config.routing.router == "prototype"
     features = current.model.extract_features(torch.rand(2, 3, 64, 64))
     with torch.no_grad():
         flow_only = older.model.score_features(features, "0").anomaly_map

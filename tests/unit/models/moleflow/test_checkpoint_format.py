@@ -21,7 +21,7 @@ from anomalib_moleflow.models.moleflow.checkpoint_format import (
 FLAT_LEGACY = {"backbone": "tf_efficientnet_lite0", "image_size": 64, "lora_rank": 2, "n_coupling_blocks": 2}
 """A flat config as written before the groups, and before grid pooling, global score and position Gaussian."""
 
-LEGACY_VALUES = {"grid_downsample": 1, "global_score_weight": 0.0, "position_gaussian_weight": 0.0}
+LEGACY_VALUES = {"grid_downsample": 1, "global_score_weight": 0.0, "position_gaussian_weight": 0.0, "patch_memory_size": 0, "router": "prototype"}
 
 
 def _lightning(config: dict[str, Any] | None, post: bool = False, **hparams: Any) -> dict[str, Any]:  # noqa: ANN401

@@ -94,7 +94,7 @@ BAD_VALUES = [
     ("loss", "tail_weight", 1.5, "be in [0, 1]"),
     ("loss", "tail_weight", -0.1, "be in [0, 1]"),
     ("loss", "tail_top_ratio", 0.0, "be in (0, 1]"),
-    ("routing", "router", "nearest", "be one of 'prototype', 'hybrid', 'none'"),
+    ("routing", "router", "nearest", "be one of 'memory', 'prototype', 'hybrid', 'none'"),
     ("routing", "router_top_k", 0, "be >= 1"),
     ("scoring", "score_top_k", 0, "be >= 1"),
     ("scoring", "global_score_weight", -1.0, "be >= 0"),
@@ -197,7 +197,13 @@ def test_unknown_group_field_message_lists_the_group() -> None:
 
 
 # ----------------------------------------------------------------------------- saved configs
-LEGACY_ABSENT = {"grid_downsample": 1, "global_score_weight": 0.0, "position_gaussian_weight": 0.0}
+LEGACY_ABSENT = {
+    "grid_downsample": 1,
+    "global_score_weight": 0.0,
+    "position_gaussian_weight": 0.0,
+    "patch_memory_size": 0,
+    "router": "prototype",
+}
 
 
 def test_from_saved_fills_fields_older_flat_configs_lack() -> None:
@@ -217,6 +223,7 @@ def test_from_saved_fills_fields_older_flat_configs_lack() -> None:
 @pytest.mark.parametrize("absent", sorted(LEGACY_ABSENT))
 def test_from_saved_fills_only_the_absent_fields(absent: str) -> None:
     flat = {name: value for group in MoLEFlowConfig().to_dict().values() for name, value in group.items()}
+    flat["router"] = "prototype"  # a config without a memory cannot have the memory router
     del flat[absent]
     cfg = MoLEFlowConfig.from_saved(flat)
     assert getattr(getattr(cfg, FIELD_GROUPS[absent]), absent) == LEGACY_ABSENT[absent]

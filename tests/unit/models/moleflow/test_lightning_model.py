@@ -267,11 +267,14 @@ def test_scoring_statistics_are_fitted_on_the_training_images(two_tasks: SimpleN
     module.eval()
     with torch.no_grad():
         scores = model.score_features(train, "1").pred_score
+        memory = model.config.scoring.patch_memory_weight * model.patch_memory.image_z("1", model.patch_memory.distances("1", train))
         expected = model.patch_scores(train, "1") + model.position_gaussian("1", train)  # default weight 1
         map_scores = model.map_scores(train, "1")
         pooled = pool_features(train)
-    # z-normalised on exactly these images: the fused training scores average to zero
-    assert abs(float(scores.mean())) < 1e-3
+    # flow and global parts z-normalised on exactly these images: they average to zero (the memory's
+    # part is normalised on distances with each image's own patches left out of the memory)
+    assert abs(float((scores - memory).mean())) < 1e-3
+    assert float(memory.mean()) < 0  # in-sample, the memory holds the images' own patches
     torch.testing.assert_close(map_scores, expected)
     assert torch.allclose(model.router.tasks["1"].mean, pooled.double().mean(0).float(), atol=1e-5)
 

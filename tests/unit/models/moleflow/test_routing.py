@@ -133,7 +133,7 @@ def test_unfitted_tasks_are_never_chosen() -> None:
 
 
 def test_bad_arguments_are_named() -> None:
-    with pytest.raises(ValueError, match="'prototype' or 'hybrid', got 'none'"):
+    with pytest.raises(ValueError, match="one of prototype, hybrid, memory, got 'none'"):
         TaskRouter(DIM, mode="none")
     router = TaskRouter(DIM)
     with pytest.raises(ValueError, match=r"pooled features \(N, C\) with N >= 1, got shape \(2, 3, 32\)"):
@@ -200,11 +200,12 @@ def test_calibration_is_a_cross_fitted_quantile() -> None:
 
 # ----------------------------------------------------------------------------- hybrid mode
 def _label_nll(calls: list[tuple[str, int]]):  # noqa: ANN202
-    """Fake expert: patch NLL is small where feature channel 0 equals the task index."""
+    """Fake candidate score: the mean patch NLL of an expert whose NLL is small where feature
+    channel 0 equals the task index (what the model gives the hybrid router)."""
 
     def expert_nll(features: torch.Tensor, key: str) -> torch.Tensor:
         calls.append((key, len(features)))
-        return (features[..., 0] - float(key)) ** 2
+        return ((features[..., 0] - float(key)) ** 2).flatten(1).mean(dim=1)
 
     return expert_nll
 
@@ -250,30 +251,52 @@ def test_hybrid_router_ranks_nan_likelihoods_last() -> None:
     router, pooled, features, _ = _ambiguous_hybrid()
 
     def nan_for_even(features: torch.Tensor, key: str) -> torch.Tensor:
-        nll = torch.zeros(features.shape[:-1])
-        return nll.fill_(float("nan")) if int(key) % 2 == 0 else nll
+        score = torch.zeros(len(features))
+        return score.fill_(float("nan")) if int(key) % 2 == 0 else score
 
     routed = router(pooled, features, nan_for_even)
     assert set(routed.tolist()) <= {1, 3}
 
 
-def test_hybrid_router_decides_by_mean_patch_nll() -> None:
-    """The image log-likelihood is minus the mean patch NLL: one very bad patch loses against
-    uniformly slightly worse patches."""
-    router = TaskRouter(DIM, mode="hybrid", top_k=2)
+def test_two_stage_modes_pick_the_lowest_candidate_score() -> None:
+    """The model gives the candidate score (hybrid: mean patch NLL; memory: median memory
+    distance); the router takes the lowest among the shortlist, per image."""
+    for mode in ("hybrid", "memory"):
+        router = TaskRouter(DIM, mode=mode, top_k=2)
+        data = _sample(TASKS[0], 100, seed=0)
+        router.fit("0", data)
+        router.fit("1", data)
+
+        def score(features: torch.Tensor, key: str) -> torch.Tensor:
+            return torch.where(features[:, 0, 0, 0] > 0, 1.0 - float(key), float(key))
+
+        features = torch.tensor([1.0, -1.0, 1.0])[:, None, None, None].expand(3, 2, 2, 1)
+        assert router(data[:3], features, score).tolist() == [1, 0, 1], mode
+
+
+def test_memory_mode_flags_unknown_by_the_candidate_score_over_its_calibration() -> None:
+    router = TaskRouter(DIM, mode="memory", top_k=2, unknown_threshold=1.5)
     data = _sample(TASKS[0], 100, seed=0)
     router.fit("0", data)
-    router.fit("1", data)
+    router.fit("1", _sample(TASKS[1], 100, seed=1))
+    scores = {"0": torch.tensor([1.0, 1.0, 4.0]), "1": torch.tensor([9.0, 9.0, 9.0])}
+    calibration = {"0": 2.0, "1": 2.0}.__getitem__
+    features = torch.zeros(3, 2, 2, 1)
+    routed = router(data[:3], features, lambda f, key: scores[key][: len(f)], calibration)
+    assert routed.tolist() == [0, 0, UNKNOWN]  # 4.0 > 1.5 * 2.0
+    router.unknown_threshold = None
+    assert router(data[:3], features, lambda f, key: scores[key][: len(f)], calibration).tolist() == [0, 0, 0]
 
-    def expert_nll(features: torch.Tensor, key: str) -> torch.Tensor:
-        nll = torch.ones(len(features), 2, 2)
-        if key == "0":
-            nll[:, 0, 0] = 3.5  # mean 1.625, max 3.5
-        else:
-            nll += 0.75  # mean 1.75, max 1.75
-        return nll
 
-    assert router(data[:3], torch.zeros(3, 2, 2, 1), expert_nll).tolist() == [0, 0, 0]
+def test_batched_distances_equal_each_tasks_mahalanobis() -> None:
+    router = _fitted()
+    x, _ = _held_out(20)
+    expected = torch.stack(
+        [mahalanobis(x, router.tasks[k].mean, router.tasks[k].precision) for k in router.task_keys], dim=1
+    ).float()
+    torch.testing.assert_close(router.distances(x), expected, rtol=1e-6, atol=1e-5)
+    router.fit("1", _sample(TASKS[2], 200, seed=9))  # refitting a task refreshes the stacked statistics
+    torch.testing.assert_close(router.distances(x)[:, 1], mahalanobis(x, router.tasks["1"].mean, router.tasks["1"].precision).float())
 
 
 def test_hybrid_router_keeps_the_unknown_flag() -> None:

@@ -28,6 +28,7 @@ from anomalib_moleflow.models.moleflow.loss import MoLEFlowLoss, patch_nll
 from anomalib_moleflow.models.moleflow.routing import UNKNOWN, TaskRouter
 from anomalib_moleflow.models.moleflow.task_statistics import (
     GlobalScoreFusion,
+    PatchMemory,
     PositionGaussian,
     TaskThresholds,
 )
@@ -182,7 +183,7 @@ def test_add_task_keys_names_and_active_expert(make_model: ModelFactory) -> None
     assert set(model.dia) == {"0", "1"}
     assert set(model.input_adapters) == {"0", "1"}
     # every per-task statistic gets the new (unfitted) task too
-    assert [type(m) for m in model.task_statistics] == [TaskRouter, GlobalScoreFusion, PositionGaussian, TaskThresholds]
+    assert [type(m) for m in model.task_statistics] == [TaskRouter, GlobalScoreFusion, PositionGaussian, PatchMemory, TaskThresholds]
     for statistics in model.task_statistics:
         assert statistics.task_keys == ["0", "1"] and statistics.n_fitted == 0
     model.set_task(0)
@@ -195,11 +196,12 @@ def test_optional_parts_follow_the_config(make_model: ModelFactory) -> None:
         "routing.router": "none",
         "scoring.global_score_weight": 0.0,
         "scoring.position_gaussian_weight": 0.0,
+        "scoring.patch_memory_size": 0,
         "experts.input_adapter": "none",
         "experts.use_dia": False,
         "flow.use_spatial_mixer": False,
     })
-    assert bare.router is None and bare.global_score is None and bare.position_gaussian is None
+    assert bare.router is None and bare.global_score is None and bare.position_gaussian is None and bare.patch_memory is None
     assert bare.spatial_mixer is None and bare.ms_context is None
     assert len(bare.input_adapters) == 0 and len(bare.dia) == 0
     assert [type(m) for m in bare.task_statistics] == [TaskThresholds]
@@ -452,7 +454,7 @@ def test_v4_context_training_does_change_task0(make_model: ModelFactory, feature
 # ----------------------------------------------------------------------------- per-task statistics
 @torch.no_grad()
 def test_fit_task_statistics_fits_router_position_gaussian_and_global_score(make_model: ModelFactory, features: torch.Tensor) -> None:
-    model = make_model().eval()
+    model = make_model(**{"scoring.patch_memory_size": 0, "routing.router": "prototype"}).eval()
     key = model.active_task
     flow_only = model.score_features(features, key).pred_score
     chunks = [features[:2], features[2:]]
@@ -474,7 +476,7 @@ def test_fit_task_statistics_fits_router_position_gaussian_and_global_score(make
 
 @torch.no_grad()
 def test_map_scores_add_the_weighted_position_gaussian_once_fitted(make_model: ModelFactory, features: torch.Tensor) -> None:
-    model = make_model(position_gaussian_weight=0.5)
+    model = make_model(position_gaussian_weight=0.5, patch_memory_size=0, router="prototype")
     key = model.active_task
     model.eval()
     flow_only = model.patch_scores(features, key)
@@ -687,3 +689,48 @@ def test_a_pre_format_2_state_dict_loads(make_model: ModelFactory, tiny_config: 
     assert fresh.active_task == "1"  # the last expert
     assert fresh.thresholds.fitted("0") and not fresh.thresholds.fitted("1")  # from the NaN thresholds
     assert differing_keys({k: v for k, v in fresh.state_dict().items() if k != "_extra_state"}, {k: v for k, v in state.items() if k != "_extra_state"}) == []
+
+
+def test_patch_memory_adds_its_image_z_score_and_fuses_the_map(make_model: ModelFactory, features: torch.Tensor) -> None:
+    """With the memory fitted, image score = the fused flow/global score + weight * z(memory), and
+    the map is the surprisal fusion of the flow + Gaussian map scores with the memory distances."""
+    model = make_model(**{"scoring.patch_memory_weight": 2.0}).eval()
+    key = model.active_task
+    model.fit_task_statistics(key, [features[:2], features[2:]])
+    assert model.patch_memory.fitted(key)
+    with torch.no_grad():
+        out = model.score_features(features, key)
+        flow_nll = model.patch_scores(features, key)
+        base = model.global_score(key, model.anomaly_map_generator.image_score(flow_nll), model.global_input(features))
+        distances = model.patch_memory.distances(key, features)
+        torch.testing.assert_close(out.pred_score, base + 2.0 * model.patch_memory.image_z(key, distances))
+        fused = model.patch_memory.fuse_map(key, model.map_scores(features, key, flow_nll), distances)
+        torch.testing.assert_close(out.anomaly_map, model.anomaly_map_generator(fused))
+
+
+def test_memory_router_decides_by_the_median_memory_distance(make_model: ModelFactory, features: torch.Tensor) -> None:
+    """Stage 2 of the default router: the candidate whose memory is nearest in the median patch,
+    whatever the prototypes say."""
+    model = make_model().eval()
+    model.fit_task_statistics("0", [features[:2], features[2:]])
+    model.add_task()
+    other = features + 3.0  # another product
+    model.fit_task_statistics("1", [other[:2], other[2:]])
+    assert model.routing_active
+    mixed = torch.cat([features[:2], other[:2]])
+    assert model.predict_features(mixed).pred_task.tolist() == [0, 0, 1, 1]
+    # swap the prototypes: the shortlist (both tasks) is the same, the memory still decides
+    for name in ("mean", "precision"):
+        a, b = getattr(model.router.tasks["0"], name), getattr(model.router.tasks["1"], name)
+        tmp = a.clone()
+        a.copy_(b)
+        b.copy_(tmp)
+    assert model.predict_features(mixed).pred_task.tolist() == [0, 0, 1, 1]
+
+
+def test_hybrid_candidate_score_is_the_mean_patch_nll(make_model: ModelFactory, features: torch.Tensor) -> None:
+    """The notes' V3-5 stage 2: the image log-likelihood is minus the mean patch NLL."""
+    model = make_model(router="hybrid").eval()
+    with torch.no_grad():
+        expected = model.patch_scores(features, "0").flatten(1).double().mean(dim=1)
+        torch.testing.assert_close(model._candidate_score(features, "0"), expected)  # noqa: SLF001

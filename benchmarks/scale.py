@@ -37,7 +37,7 @@ from scale_lib.plots import plot
 from scale_lib.report import markdown, summarize
 from scale_lib.settings import ScaleSettings
 
-from anomalib_moleflow.data.synthetic import PRODUCTS
+from anomalib_moleflow.data.synthetic import STREAMS
 from anomalib_moleflow.models.moleflow import MoLEFlowConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (defaults: :class:`ScaleSettings`)."""
     d = ScaleSettings()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tasks", type=int, default=d.tasks, help=f"number of products, 1..{len(PRODUCTS)}")
+    p.add_argument("--tasks", type=int, default=d.tasks, help="number of products, 1..15")
     p.add_argument("--train-images", type=int, default=d.train_images, help="normal training images per task")
     p.add_argument("--test-images", type=int, default=d.test_images, help="test images per task (half defective)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per task")
@@ -62,6 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--throughput-runs", type=int, default=d.throughput_runs, help="timed batches (median)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--stream", choices=sorted(STREAMS), default=d.stream, help="synthetic stream of products")
     p.add_argument("--output-dir", default=str(RESULTS), help="where scale.{json,md,png} go")
     p.add_argument("--work-dir", default=None, help="keep data and checkpoints here (default: a temp folder)")
     p.add_argument("--model-config", default=None,
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "wall_minutes": meta["wall_seconds"] / 60,
         "settings": asdict(settings),
         "model_config": config.to_dict(),
-        "tasks": list(PRODUCTS)[: settings.tasks],
+        "tasks": list(STREAMS[settings.stream])[: settings.tasks],
         "model_config_note": f"MoLEFlowConfig() with {json.dumps(overrides)}" if overrides else "MoLEFlowConfig() defaults",
     })
     result: dict[str, Any] = {"meta": meta, "rows": rows, "summary": summarize(rows)}

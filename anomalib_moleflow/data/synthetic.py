@@ -27,7 +27,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["PRODUCTS", "STYLES", "Style", "make_products", "make_stream", "make_task", "product_image"]
+__all__ = [
+    "LOOKALIKE_PRODUCTS",
+    "PRODUCTS",
+    "STREAMS",
+    "STYLES",
+    "Style",
+    "make_products",
+    "make_stream",
+    "make_task",
+    "product_image",
+]
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,9 @@ class Style:
     period: float = 8.0
     """Pattern period in pixels."""
     defect_color: tuple[int, int, int] = (20, 200, 20)
+    defect: str = "blob"
+    """``blob``: a grainy disc of ``defect_color``, a sixth to a tenth of the image wide; ``small``: a
+    disc of a twentieth to a twelfth, darker than the product; ``scratch``: a thin dark line."""
 
 
 #: Products that differ in colour *and* texture (routing on them should be trivial).
@@ -80,7 +93,9 @@ def product_image(
     image = texture[..., None] * np.asarray(style.color, dtype=np.float32)
     image += rng.normal(0, 4, size=image.shape)
     mask = np.zeros((size, size), dtype=np.uint8)
-    if defect:
+    if defect and style.defect != "blob":
+        _realistic_defect(style, image, mask, rng)
+    elif defect:
         yy, xx = np.mgrid[0:size, 0:size]
         margin = size // 4
         cy, cx = rng.integers(margin, size - margin, size=2)
@@ -91,6 +106,28 @@ def product_image(
         image[blob] = np.asarray(style.defect_color, dtype=np.float32) * grain
         mask[blob] = 255
     return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def _realistic_defect(style: Style, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
+    """Paint a small dark spot or a thin scratch in the product's own colour, in place."""
+    size = image.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size]
+    if style.defect == "small":
+        cy, cx = rng.integers(size // 6, size - size // 6, size=2)
+        radius = int(rng.integers(max(2, size // 20), max(3, size // 12)))
+        region = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    elif style.defect == "scratch":
+        (y0, x0), angle = rng.integers(size // 5, 4 * size // 5, size=2), rng.uniform(0, np.pi)
+        length, width = rng.uniform(size / 5, size / 2.5), max(1.0, size / 96)
+        dy, dx = np.sin(angle), np.cos(angle)
+        along = (yy - y0) * dy + (xx - x0) * dx
+        across = np.abs(-(yy - y0) * dx + (xx - x0) * dy)
+        region = (np.abs(along) <= length / 2) & (across <= width)
+    else:
+        msg = f"unknown defect {style.defect!r}; use 'blob', 'small' or 'scratch'"
+        raise ValueError(msg)
+    image[region] *= rng.uniform(0.35, 0.6)
+    mask[region] = 255
 
 
 def make_task(
@@ -181,6 +218,35 @@ PRODUCTS: dict[str, Style] = {
 }
 
 
+def _family(color: tuple[int, int, int], pattern: str, period: float, defect: str) -> Style:
+    return Style(color=color, pattern=pattern, period=period, defect_color=color, defect=defect)
+
+
+#: Fifteen look-alike products in five families of three: one pattern in colour variants (the
+#: stripes and dots families), one colour in period variants (the checker families), one colour and
+#: pattern with near periods (the fine-stripes family). Defects are small dark spots or thin
+#: scratches in the product's own colour, as real defects are (a minority of the patches).
+LOOKALIKE_PRODUCTS: dict[str, Style] = {
+    "stripes_red": _family((200, 60, 50), "stripes", 12.0, "small"),
+    "stripes_orange": _family((215, 110, 45), "stripes", 12.0, "scratch"),
+    "stripes_pink": _family((210, 90, 110), "stripes", 12.0, "small"),
+    "checker_blue_8": _family((50, 80, 200), "checker", 8.0, "scratch"),
+    "checker_blue_12": _family((50, 80, 200), "checker", 12.0, "small"),
+    "checker_blue_16": _family((50, 80, 200), "checker", 16.0, "scratch"),
+    "dots_green": _family((60, 170, 70), "dots", 12.0, "small"),
+    "dots_teal": _family((40, 160, 130), "dots", 12.0, "scratch"),
+    "dots_olive": _family((120, 150, 50), "dots", 12.0, "small"),
+    "checker_gray_10": _family((140, 140, 140), "checker", 10.0, "small"),
+    "checker_gray_14": _family((140, 140, 140), "checker", 14.0, "scratch"),
+    "checker_gray_20": _family((140, 140, 140), "checker", 20.0, "small"),
+    "fine_stripes_6": _family((180, 160, 90), "stripes", 6.0, "scratch"),
+    "fine_stripes_7": _family((180, 160, 90), "stripes", 7.0, "small"),
+    "fine_stripes_8": _family((180, 160, 90), "stripes", 8.0, "scratch"),
+}
+STREAMS: dict[str, dict[str, Style]] = {"distinct": PRODUCTS, "lookalike": LOOKALIKE_PRODUCTS}
+"""The synthetic streams by name."""
+
+
 def make_products(
     root: str | Path,
     n_tasks: int,
@@ -188,23 +254,29 @@ def make_products(
     n_test: int = 8,
     size: int = 256,
     seed: int = 0,
+    stream: str = "distinct",
 ) -> list[str]:
-    """Write the first ``n_tasks`` products of :data:`PRODUCTS` under ``root``; return their names.
+    """Write the first ``n_tasks`` products of a stream (:data:`STREAMS`: ``distinct`` =
+    :data:`PRODUCTS`, ``lookalike`` = :data:`LOOKALIKE_PRODUCTS`) under ``root``; return their names.
 
     Each product gets ``n_train`` normal training images and ``n_test`` test images, half
     of them (rounded down, at least one) defective with masks, the rest good (at least one).
     """
-    if not 1 <= n_tasks <= len(PRODUCTS):
-        msg = f"n_tasks must be in [1, {len(PRODUCTS)}], got {n_tasks}"
+    if stream not in STREAMS:
+        msg = f"unknown synthetic stream {stream!r}; streams: {', '.join(STREAMS)}"
+        raise ValueError(msg)
+    products = STREAMS[stream]
+    if not 1 <= n_tasks <= len(products):
+        msg = f"n_tasks must be in [1, {len(products)}], got {n_tasks}"
         raise ValueError(msg)
     if n_test < 2:
         msg = f"n_test must be >= 2 (one good and one defective image), got {n_test}"
         raise ValueError(msg)
     n_defect = max(1, n_test // 2)
-    names = list(PRODUCTS)[:n_tasks]
+    names = list(products)[:n_tasks]
     for index, name in enumerate(names):
         make_task(
-            root, name, style=PRODUCTS[name], n_train=n_train, n_good=n_test - n_defect, n_defect=n_defect,
+            root, name, style=products[name], n_train=n_train, n_good=n_test - n_defect, n_defect=n_defect,
             size=size, seed=seed + index,
         )  # fmt: skip
     return names

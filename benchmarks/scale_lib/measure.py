@@ -187,7 +187,7 @@ def run_benchmark(
     data_root = work_dir / "data"
     names = make_products(
         data_root, settings.tasks, n_train=settings.train_images, n_test=settings.test_images,
-        size=settings.image_px, seed=settings.seed,
+        size=settings.image_px, seed=settings.seed, stream=settings.stream,
     )  # fmt: skip
     stream = TaskStream(
         names, root=str(data_root), train_batch_size=settings.train_batch_size,

@@ -23,3 +23,7 @@ class ScaleSettings:
     throughput_runs: int = 3
     threads: int = 1
     seed: int = 0
+    stream: str = "lookalike"
+    """Synthetic stream (``anomalib_moleflow.data.synthetic.STREAMS``): ``lookalike`` (five families of
+    three look-alike products, small realistic defects) or ``distinct`` (fifteen products that differ
+    in colour and texture, large contrasting blobs)."""

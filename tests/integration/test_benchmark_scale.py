@@ -18,7 +18,7 @@ import torch
 from helpers import REPO, TINY_CONFIG, read_image, task_test_images
 from PIL import Image
 
-from anomalib_moleflow.data.synthetic import PRODUCTS
+from anomalib_moleflow.data.synthetic import LOOKALIKE_PRODUCTS, PRODUCTS
 from anomalib_moleflow.models.moleflow import MoLEFlow
 
 BENCHMARKS = REPO / "benchmarks"
@@ -61,7 +61,8 @@ def test_scale_results_files(scale_run: tuple[dict[str, Any], Path, Path]) -> No
     assert "python benchmarks/scale.py --tasks 3 --train-images 6 " in meta["command"]
     assert meta["command"].startswith("OMP_NUM_THREADS=1 ") == (meta["OMP_NUM_THREADS"] == "1")
     assert meta["model_config"]["features"]["image_size"] == 64 and meta["threads"] == 1
-    assert meta["tasks"] == list(PRODUCTS)[:N_TASKS]
+    assert meta["settings"]["stream"] == "lookalike"  # the default stream
+    assert meta["tasks"] == list(LOOKALIKE_PRODUCTS)[:N_TASKS]
     assert meta["wall_minutes"] == pytest.approx(meta["wall_seconds"] / 60) and meta["peak_rss_mib_self"] > 100
     rows = data["rows"]
     assert [r["n_tasks"] for r in rows] == list(range(1, N_TASKS + 1))

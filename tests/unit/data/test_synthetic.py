@@ -136,3 +136,22 @@ def test_make_products(tmp_path: Path) -> None:
         make_products(tmp_path, n_tasks=0)
     with pytest.raises(ValueError, match="n_test must be >= 2"):
         make_products(tmp_path, n_tasks=1, n_test=1)
+
+
+def test_lookalike_stream_has_families_and_small_defects(tmp_path: Path) -> None:
+    from anomalib_moleflow.data.synthetic import LOOKALIKE_PRODUCTS, STREAMS, make_products
+
+    assert len(LOOKALIKE_PRODUCTS) == 15 and STREAMS["lookalike"] is LOOKALIKE_PRODUCTS
+    looks = [(s.color, s.pattern, s.period) for s in LOOKALIKE_PRODUCTS.values()]
+    assert len(set(looks)) == 15  # every product differs ...
+    assert len({(c, p) for c, p, _ in looks}) < 15 and len({p for _, p, _ in looks}) <= 3  # ... within families
+    names = make_products(tmp_path, 3, n_train=2, n_test=4, size=128, stream="lookalike")
+    assert names == list(LOOKALIKE_PRODUCTS)[:3]
+    for name in names:
+        masks = sorted((tmp_path / name / "ground_truth").glob("*/*.png"))
+        assert len(masks) == 2
+        for mask in masks:
+            share = (np.array(Image.open(mask)) > 0).mean()
+            assert 0 < share < 0.05, (mask, share)  # a minority of the patches, as real defects are
+    with pytest.raises(ValueError, match="unknown synthetic stream 'other'"):
+        make_products(tmp_path, 1, stream="other")

@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from collections.abc import Sequence
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
+from anomalib_moleflow.continual.interruption import RunInterrupted
 from anomalib_moleflow.continual.runner import (
     ContinualRunner,
     RunOptions,
@@ -30,6 +32,10 @@ def continual_parser() -> ArgumentParser:
     parser.add_dataclass_arguments(TrainerOptions, "trainer", default=TrainerOptions())
     parser.add_dataclass_arguments(RunOptions, "run", default=RunOptions(), skip={"extra_callbacks"})
     parser.add_argument("--resume", type=bool, default=False, help="continue after the last finished task")
+    parser.add_argument(
+        "--resume-force", type=bool, default=False,
+        help="resume even if the seed, epochs, batch sizes or data settings changed (recorded in the results)",
+    )  # fmt: skip
     return parser
 
 
@@ -68,6 +74,7 @@ def run_continual(cfg: object) -> int:
     stream = init.data
     trainer_opts = init.trainer
     run_opts = init.run
+    run_opts.resume_force = run_opts.resume_force or bool(cfg.resume_force)
     runner = ContinualRunner(model_config, stream, trainer=trainer_opts, run=run_opts)
     results = runner.run(resume=cfg.resume)
     summary = results.to_dict()
@@ -76,17 +83,46 @@ def run_continual(cfg: object) -> int:
     return 0
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line a failure is reported with: its message, with the errno and the file of an OS error."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        where = f" '{exc.filename}'" if exc.filename else ""
+        text = f"{exc.strerror} ({name}) while writing or reading{where}"
+        if exc.errno == errno.ENOSPC:
+            text += "; the files written before are intact (every write is atomic): free space and resume with --resume true"
+        return text
+    return str(exc).replace("\n", " | ")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``anomalib-moleflow`` and ``python -m anomalib_moleflow``."""
+    """Entry point of ``anomalib-moleflow`` and ``python -m anomalib_moleflow``.
+
+    Exit codes: 0 the run completed; 1 it failed (the message on stderr says what and where);
+    2 bad command-line arguments; 128 + signal number when a signal stopped it (130 SIGINT,
+    143 SIGTERM) after saving what finished.
+    """
     parser = build_parser()
-    cfg = parser.parse_args(list(argv) if argv is not None else sys.argv[1:])
+    args = list(argv) if argv is not None else sys.argv[1:]
+    if not {"-h", "--help", "--print_config"} & set(args):
+        parser.exit_on_error = False
+        for action in parser._subcommands_action._name_parser_map.values():  # noqa: SLF001
+            action.exit_on_error = False
+    try:
+        cfg = parser.parse_args(args)
+    except ArgumentError as exc:  # one line naming the key or value, instead of usage and a traceback
+        print(f"anomalib-moleflow: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     if cfg.subcommand == "continual":
         try:
             return run_continual(cfg.continual)
-        except (FileNotFoundError, FileExistsError, ValueError, OSError) as exc:
-            # bad data paths, an occupied run folder, a checkpoint of another run (CheckpointError
-            # is a ValueError), an unreadable image: the message says what and where
-            print(f"anomalib-moleflow continual: error: {exc}", file=sys.stderr)
+        except RunInterrupted as exc:
+            print(f"anomalib-moleflow continual: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except (OSError, ValueError, RuntimeError) as exc:
+            # bad data or settings, an occupied run folder, a checkpoint of another run or a changed one
+            # (CheckpointError is a ValueError), a full disk, training that diverged: what and where
+            print(f"anomalib-moleflow continual: error: {error_line(exc)}", file=sys.stderr)
             return 1
     parser.error(f"unknown subcommand {cfg.subcommand!r}")
     return 2

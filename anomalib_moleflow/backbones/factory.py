@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -21,8 +23,32 @@ _DINOV2_PATCH = 14
 _DINOV2_GRID = 37  # 518 px / 14: grid of the stored position embedding
 
 
+ALLOW_DOWNLOAD_ENV = "ANOMALIB_MOLEFLOW_ALLOW_DOWNLOAD"
+"""Set to 1 to let a backbone without packaged weights download them (timm / Hugging Face hub)."""
+
+
 def _suggestion() -> str:
     return f"Use one of the offline backbones instead: {', '.join(OFFLINE_BACKBONES)}."
+
+
+def _download_allowed() -> bool:
+    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in {"1", "true", "yes"} and os.environ.get(
+        "HF_HUB_OFFLINE", ""
+    ).strip().lower() not in {"1", "true", "yes"}
+
+
+def _build(name: str, pretrained: bool, kwargs: dict[str, object], out_indices: tuple[int, ...]) -> torch.nn.Module:
+    """``timm.create_model`` with an out-of-range stage reported by name (the architecture's)."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except IndexError as exc:
+        n_stages = len(timm.create_model(split_model_name_tag(name)[0], pretrained=False, features_only=True).feature_info)
+        msg = (
+            f"backbone '{split_model_name_tag(name)[0]}' has feature stages 0..{n_stages - 1}, but stages "
+            f"{list(out_indices)} were asked for "
+            "(features.layers / scoring.global_score_layers)"
+        )
+        raise ValueError(msg) from exc
 
 
 def _is_vit(arch: str) -> bool:
@@ -84,12 +110,20 @@ def create_feature_extractor(
         overlay = None
         if offline == DINOV2_ONNX_ARCH and img_size is not None and img_size // _DINOV2_PATCH != _DINOV2_GRID:
             overlay = {"state_dict": _dinov2_state_dict(img_size)}
-        model = timm.create_model(register_offline_weights(offline), pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    elif offline is not None:
-        model = timm.create_model(offline, pretrained=False, **kwargs)
+        model = _build(register_offline_weights(offline), True, {**kwargs, "pretrained_cfg_overlay": overlay}, out_indices)
+    elif offline is not None or not pretrained:
+        model = _build(offline or name, False, kwargs, out_indices)
     else:
+        if not _download_allowed():
+            msg = (
+                f"backbone '{name}' has no packaged weights, and downloading them is off: set {ALLOW_DOWNLOAD_ENV}=1 "
+                f"(and leave HF_HUB_OFFLINE unset) to let timm download them. {_suggestion()}"
+            )
+            raise RuntimeError(msg)
         try:
-            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+            model = _build(name, pretrained, kwargs, out_indices)
+        except ValueError:
+            raise
         except Exception as exc:
             msg = (
                 f"Could not create backbone '{name}' (pretrained={pretrained}): {type(exc).__name__}: {exc}. "

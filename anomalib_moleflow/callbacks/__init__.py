@@ -6,5 +6,6 @@ a task trains and call into the model's public methods.
 """
 
 from .ogp import OrthogonalGradientProjection
+from .stop_on_request import StopOnRequest
 
-__all__ = ["OrthogonalGradientProjection"]
+__all__ = ["OrthogonalGradientProjection", "StopOnRequest"]

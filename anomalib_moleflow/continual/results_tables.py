@@ -47,7 +47,8 @@ class ContinualResults:
     def __init__(self, tasks: Sequence[str]) -> None:
         self.tasks = [str(name) for name in tasks]
         if len(set(self.tasks)) != len(self.tasks):
-            msg = f"task names must be unique, got {self.tasks}"
+            repeated = sorted({name for name in self.tasks if self.tasks.count(name) > 1})
+            msg = f"duplicate task name(s) {repeated}: task names must be unique, got {self.tasks}"
             raise ValueError(msg)
         n = len(self.tasks)
         keys = (*METRIC_NAMES, ROUTING)
@@ -56,6 +57,8 @@ class ContinualResults:
         }
         self.train_seconds: dict[str, float | None] = {}
         self.inference_ms_per_image: float | None = None
+        self.resume_forced: list[str] = []
+        """Settings that changed when the run was resumed with ``resume_force`` (empty: none)."""
 
     def _index(self, task: int | str) -> int:
         if isinstance(task, str):
@@ -163,6 +166,7 @@ class ContinualResults:
                 "train_seconds": {name: self.train_seconds.get(name) for name in self.tasks},
                 "inference_ms_per_image": self.inference_ms_per_image,
             },
+            **({"resume_forced": list(self.resume_forced)} if self.resume_forced else {}),
         }
 
     @classmethod
@@ -185,6 +189,7 @@ class ContinualResults:
             if seconds is not None:
                 results.record_timing(name, seconds)
         results.inference_ms_per_image = _clean(timing.get("inference_ms_per_image"))
+        results.resume_forced = [str(item) for item in data.get("resume_forced", [])]
         return results
 
     def to_csv(self) -> str:

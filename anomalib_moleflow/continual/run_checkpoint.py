@@ -5,8 +5,10 @@ A run checkpoint is a plain dict (loadable with ``weights_only=True``), written 
     {"anomalib_moleflow_continual": 2,          # format marker and version
      "run_state": {"task_names": [...], "completed_tasks": 2, "complete": False},
      "pytorch-lightning_version": ..., "state_dict": ..., "hyper_parameters": {...},   # the model
-     "results": ..., "stream": ..., "ogp": ...}                                     # the run
+     "results": ..., "stream": ..., "settings": ..., "ogp": ...,                    # the run
+     "checksum": "<sha256 of everything else>"}
 
+The checksum is verified on every load, so a changed byte is reported as such, naming the file.
 The model part is a Lightning checkpoint (``MoLEFlow.from_checkpoint`` and anomalib load it).
 Format 1 (until the layered package) kept ``model_config``, ``state_dict`` and ``task_keys`` at
 the top level; it still loads.
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anomalib_moleflow.io import CheckpointError, atomic_torch_save, safe_torch_load
+from anomalib_moleflow.io import DIGEST_KEY, CheckpointError, atomic_torch_save, content_digest, safe_torch_load, verify_digest
 
 __all__ = ["FORMAT_KEY", "FORMAT_VERSION", "READABLE_VERSIONS", "RunState", "load_run_checkpoint", "save_run_checkpoint"]
 
@@ -90,11 +92,13 @@ def save_run_checkpoint(path: str | Path, run_state: RunState, payload: dict[str
     Call it only after a task has fully finished (``run_state.mark_task_done``),
     and with ``run_state.complete`` only at the very end of the run.
     """
-    reserved = {FORMAT_KEY, "run_state"} & set(payload)
+    reserved = {FORMAT_KEY, "run_state", DIGEST_KEY} & set(payload)
     if reserved:
         msg = f"payload may not use the reserved keys {sorted(reserved)}"
         raise ValueError(msg)
-    return atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "run_state": run_state.to_dict(), **payload}, path)
+    checkpoint = {FORMAT_KEY: FORMAT_VERSION, "run_state": run_state.to_dict(), **payload}
+    checkpoint[DIGEST_KEY] = content_digest(checkpoint)
+    return atomic_torch_save(checkpoint, path)
 
 
 def load_run_checkpoint(
@@ -125,6 +129,10 @@ def load_run_checkpoint(
             f"anomalib_moleflow reads versions {', '.join(map(str, READABLE_VERSIONS))}."
         )
         raise CheckpointError(msg)
+    if checkpoint[FORMAT_KEY] >= 2 and DIGEST_KEY not in checkpoint:
+        msg = f"Checkpoint '{path}' (format {checkpoint[FORMAT_KEY]}) has no checksum: it was not written by save_run_checkpoint."
+        raise CheckpointError(msg)
+    verify_digest(checkpoint, path)
     try:
         run_state = RunState.from_dict(checkpoint["run_state"])
     except (KeyError, TypeError, ValueError) as exc:

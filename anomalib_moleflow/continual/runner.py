@@ -17,6 +17,7 @@ the next task; the run is marked complete only at the very end.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +25,21 @@ from typing import Any
 
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from anomalib_moleflow.callbacks import OrthogonalGradientProjection
-from anomalib_moleflow.io import CheckpointError
+from anomalib_moleflow.callbacks import OrthogonalGradientProjection, StopOnRequest
+from anomalib_moleflow.io import CheckpointError, remove_stale_temporaries
 from anomalib_moleflow.models.moleflow import MoLEFlow, MoLEFlowConfig
 from anomalib_moleflow.models.moleflow.checkpoint_format import model_checkpoint
+from anomalib_moleflow.models.moleflow.numerics import NonFiniteTrainingError, non_finite_tensors
 
+from .data_check import check_stream_files
 from .evaluation import evaluate_task
+from .interruption import RunInterrupted, StopRequest
 from .progress import task_progress
 from .results_tables import ContinualResults
 from .run_checkpoint import RunState, load_run_checkpoint, save_run_checkpoint
+from .run_lock import RunLock
 from .task_stream import TaskStream
 
 logger = logging.getLogger(__name__)
@@ -54,6 +60,20 @@ class TrainerOptions:
     limit_train_batches: float | int = 1.0
     deterministic: bool = False
 
+    def __post_init__(self) -> None:
+        for name in ("max_epochs", "later_task_epochs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                msg = f"trainer.{name} must be a whole number >= 1, got {value!r}"
+                raise ValueError(msg)
+        if not self.limit_train_batches > 0:
+            msg = f"trainer.limit_train_batches must be > 0, got {self.limit_train_batches!r}"
+            raise ValueError(msg)
+
+    def settings(self) -> dict[str, Any]:
+        """What changes results (not where they run): compared when a run resumes."""
+        return {k: getattr(self, k) for k in ("max_epochs", "later_task_epochs", "limit_train_batches", "deterministic")}
+
 
 @dataclass
 class RunOptions:
@@ -66,6 +86,9 @@ class RunOptions:
     ogp_threshold: float = 0.99
     ogp_max_rank: int = 50
     ogp_n_samples: int = 300
+    resume_force: bool = False
+    """Resume even when the run's seed, epochs, batch sizes, data root or split seed changed (recorded in
+    the results as ``resume_forced``)."""
     extra_callbacks: list[Any] = field(default_factory=list)
 
 
@@ -106,6 +129,7 @@ class ContinualRunner:
                 n_samples=self.run_options.ogp_n_samples,
             )
         self.run_state = RunState(task_names=list(stream.names))
+        self.stop = StopRequest()
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_path(self, task: int) -> Path:
@@ -119,7 +143,13 @@ class ContinualRunner:
             "results": self.results.to_dict(),
             "ogp": self.ogp.state_dict() if self.ogp is not None else None,
             "stream": self.stream.to_dict(),
+            "settings": self._settings(),
         }
+
+    def _settings(self) -> dict[str, Any]:
+        """Every setting outside the model config that changes results: compared on resume."""
+        stream = {k: v for k, v in self.stream.to_dict().items() if k not in ("tasks", "num_workers")}
+        return {"seed": self.run_options.seed, "trainer": self.trainer_options.settings(), "data": stream}
 
     def _latest_checkpoint(self) -> Path | None:
         for task in reversed(range(len(self.stream))):
@@ -137,16 +167,27 @@ class ContinualRunner:
         if model.config != self.model_config:
             msg = f"Checkpoint '{path}' was trained with another MoLE-Flow configuration; resume with the same config"
             raise CheckpointError(msg)
+        changed = _differences(checkpoint.get("settings"), self._settings())
+        if changed and not self.run_options.resume_force:
+            msg = (
+                f"Checkpoint '{path}' was written with other settings ({'; '.join(changed)}); resume with the "
+                "same settings, or pass --resume-force true to continue anyway (recorded in the results)"
+            )
+            raise CheckpointError(msg)
         self.model = model
         self.results = ContinualResults.from_dict(checkpoint["results"])
         if self.ogp is not None and checkpoint.get("ogp") is not None:
             self.ogp.load_state_dict(checkpoint["ogp"])
+        if changed:
+            self.results.resume_forced += [f"after task {state.completed_tasks - 1}: {c}" for c in changed]
         self.run_state = state
         logger.info("Resumed from %s after %d task(s)", path, state.completed_tasks)
 
     # ----------------------------------------------------------------- one task
     def _callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [self.ogp] if self.ogp is not None else []
+        callbacks: list[Callback] = [StopOnRequest(lambda: self.stop.requested)]
+        if self.ogp is not None:
+            callbacks.append(self.ogp)
         return callbacks + list(self.run_options.extra_callbacks)
 
     def train_task(self, task: int) -> float:
@@ -176,7 +217,10 @@ class ContinualRunner:
             default_root_dir=str(self.output_dir),
         )
         start = time.perf_counter()
-        trainer.fit(self.model, datamodule=self.stream.datamodule(task))
+        try:
+            trainer.fit(self.model, datamodule=self.stream.datamodule(task))
+        except SIGTERMException:  # Lightning's own reaction to SIGTERM; the stop request has it too
+            pass
         return time.perf_counter() - start
 
     def evaluate_seen(self, after_task: int) -> float:
@@ -194,9 +238,22 @@ class ContinualRunner:
 
     # ----------------------------------------------------------------- the run
     def run(self, resume: bool = False) -> ContinualResults:
-        """Train and evaluate every task; ``resume`` continues after the last finished task."""
+        """Train and evaluate every task; ``resume`` continues after the last finished task.
+
+        Everything that can be checked is checked before any training (the task stream and its
+        files, the output folder, a checkpoint to resume from); the run folder is locked for one
+        writer. SIGTERM or SIGINT stops at the next safe point: finished tasks are kept, the task in
+        progress is dropped and :class:`RunInterrupted` says how to resume.
+        """
         self.stream.validate()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        check_stream_files(self.stream)
+        _check_writable(self.output_dir)
+        with RunLock(self.output_dir), StopRequest() as self.stop:
+            remove_stale_temporaries(self.output_dir)
+            remove_stale_temporaries(self.output_dir / "checkpoints")
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> ContinualResults:
         latest = self._latest_checkpoint()
         if resume and latest is not None:
             self._restore(latest)
@@ -212,15 +269,77 @@ class ContinualRunner:
             self.model = build_model(self.model_config)
         first = self.run_state.completed_tasks
         for task in task_progress(range(first, len(self.stream)), self.stream.names, first):
+            self._phase(task, "training")
             train_seconds = self.train_task(task)
+            self._stop_if_requested(task)
             self.results.record_timing(task, train_seconds)
+            self._phase(task, "evaluation")  # a stop from here on waits until the task is saved
             self.results.set_inference_ms(self.evaluate_seen(task))
+            self._phase(task, "checkpoint writing")
             self.run_state.mark_task_done(task)
             if self.run_state.next_task is None:
                 self.run_state.mark_complete()
-            save_run_checkpoint(self.checkpoint_path(task), self.run_state, self._payload())
+            payload = self._payload()
+            bad = non_finite_tensors(payload["state_dict"])
+            if bad:
+                skipped = self.model.non_finite_steps.total
+                cause = (
+                    f"; {skipped} training step(s) had a non-finite loss or gradient: the learning rate "
+                    f"(optim.lr={self.model_config.optim.lr:g}) is the likely cause"
+                    if skipped
+                    else ""
+                )
+                msg = (
+                    f"task {task} '{self.stream.names[task]}' left non-finite values in {len(bad)} tensor(s) "
+                    f"({', '.join(bad[:3])}){cause}; no checkpoint written"
+                )
+                raise NonFiniteTrainingError(msg)
+            save_run_checkpoint(self.checkpoint_path(task), self.run_state, payload)
             self.results.write(self.output_dir)
+            if self.stop.requested and self.run_state.next_task is not None:
+                self._stop_if_requested(task + 1, finished=True)
         return self.results
+
+    def _phase(self, task: int, what: str) -> None:
+        self.stop.phase = f"{what} of task {task} '{self.stream.names[task]}'"
+
+    def _stop_if_requested(self, task: int, finished: bool = False) -> None:
+        """Raise :class:`RunInterrupted` when a stop signal arrived (the task in progress is dropped)."""
+        if not self.stop.requested:
+            return
+        done = self.run_state.completed_tasks
+        where = self.stop.phase_at_signal or self.stop.phase
+        kept = f"{done} of {len(self.stream)} task(s) finished and saved in '{self.output_dir}'"
+        dropped = "" if finished else f"; task {task} '{self.stream.names[task]}' was not finished and is dropped"
+        resume = "resume with --resume true" if done else "nothing was saved; start it again"
+        msg = f"stopped by {self.stop.signal_name} during {where}: {kept}{dropped}; {resume}"
+        raise RunInterrupted(msg, self.stop.signum)
+
+
+def _differences(saved: dict[str, Any] | None, current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``name: saved -> current`` for every setting that differs (none when nothing was saved)."""
+    if saved is None:
+        return []
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove that files can be written there, before any training."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        msg = f"cannot write to the output folder '{folder}': {exc.strerror or exc}"
+        raise PermissionError(msg) from exc
 
 
 __all__ = ["ContinualRunner", "RunOptions", "TrainerOptions", "build_model"]

@@ -9,15 +9,21 @@ from .atomic_files import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    remove_stale_temporaries,
 )
-from .safe_load import CheckpointError, safe_torch_load
+from .digest import DIGEST_KEY, content_digest
+from .safe_load import CheckpointError, safe_torch_load, verify_digest
 
 __all__ = [
+    "DIGEST_KEY",
     "CheckpointError",
     "atomic_open",
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "content_digest",
+    "remove_stale_temporaries",
     "safe_torch_load",
+    "verify_digest",
 ]

@@ -5,6 +5,7 @@ one, never half a file."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -14,7 +15,14 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_open", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = [
+    "atomic_open",
+    "atomic_torch_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "remove_stale_temporaries",
+]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -55,18 +63,21 @@ def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None)
     _fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_open(path, "wb") as handle:
-        handle.write(data)
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``path`` atomically (an ``OSError`` names ``path``)."""
+    try:
+        with atomic_open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
     return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically."""
-    with atomic_open(path, "w", encoding=encoding) as handle:
-        handle.write(text)
-    return Path(path)
+    """Write ``text`` to ``path`` atomically (an ``OSError`` names ``path``)."""
+    return atomic_write_bytes(path, text.encode(encoding))
 
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:  # noqa: ANN401 - any JSON value
@@ -76,7 +87,23 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:  # n
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:  # noqa: ANN401 - anything torch.save takes
-    """``torch.save(obj, path)`` through a temporary file, flushed, fsync-ed and renamed."""
-    with atomic_open(path, "wb") as handle:
-        torch.save(obj, handle)
-    return Path(path)
+    """``torch.save(obj, path)`` through a temporary file, flushed, fsync-ed and renamed.
+
+    The bytes are serialised in memory first, so a full disk fails as an ``OSError`` with its
+    ``errno`` (``ENOSPC``) and the file name, rather than inside torch's zip writer.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getbuffer())
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes left in ``folder`` (``.<name>.<random>.tmp``,
+    not recursive); returns them. Call it only while no other process writes there."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        if path.is_file() and path.name.count(".") >= 3:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed

@@ -55,26 +55,21 @@ def test_help(argv: list[str], expected: list[str], capsys: pytest.CaptureFixtur
 
 def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "no_such_config.yaml"
-    with pytest.raises(SystemExit) as info:
-        main(["continual", "--config", str(missing)])
-    assert info.value.code not in (0, None)
+    assert main(["continual", "--config", str(missing)]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and str(missing) in err
     assert "Traceback" not in err
 
 
 def test_missing_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main([])
-    assert info.value.code not in (0, None)
+    assert main([]) == 2
     assert "continual" in capsys.readouterr().err
 
 
 def test_unknown_config_field_is_named(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["continual", "--data.tasks", "[bottle]", "--model.config.experts.lora_rnk", "4"])
-    assert info.value.code not in (0, None)
-    assert "lora_rnk" in capsys.readouterr().err
+    assert main(["continual", "--data.tasks", "[bottle]", "--model.config.experts.lora_rnk", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "lora_rnk" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ["mvtec_real", "mvtec15_original", "mvtec15_alphabetical"])

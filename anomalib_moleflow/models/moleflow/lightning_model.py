@@ -21,13 +21,14 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_moleflow.io import safe_torch_load
+from anomalib_moleflow.io import safe_torch_load, verify_digest
 
 from .checkpoint_format import saved_settings
 from .config import MoLEFlowConfig
 from .feature_cache import FeatureCache
 from .inference_batch import RoutedInferenceBatch
 from .loss import MoLEFlowLoss
+from .numerics import NonFiniteSteps
 from .post_processing import normalized_score_post_processor
 from .pre_processing import moleflow_pre_processor, prepare_batch
 from .torch_model import MoLEFlowModel
@@ -95,6 +96,7 @@ class MoLEFlow(AnomalibModule):
         self.model = MoLEFlowModel(config, normalize_scores=normalize_scores)
         self.loss = self._build_loss(config)
         self.feature_cache = FeatureCache()
+        self.non_finite_steps = NonFiniteSteps()
 
     @staticmethod
     def _build_loss(config: MoLEFlowConfig) -> MoLEFlowLoss:
@@ -132,8 +134,9 @@ class MoLEFlow(AnomalibModule):
             self.add_task()
 
     def on_fit_start(self) -> None:
-        """Features are cached per task: start each fit with an empty cache."""
+        """Features are cached per task: start each fit with an empty cache (and no skipped steps)."""
         self.feature_cache.clear()
+        self.non_finite_steps.reset()
 
     def on_validation_epoch_start(self) -> None:
         """Inside fit, refresh the training statistics so validation scores are final-form."""
@@ -239,10 +242,28 @@ class MoLEFlow(AnomalibModule):
         features = self._train_features(batch)
         loss, parts = self.flow_loss(features)
         loss = loss + self.model.regularization()
+        if not torch.isfinite(loss):  # skip the step (Lightning does not step on None), count it
+            self._record_step(finite=False)
+            return None
         self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, logger=True, batch_size=len(features))
         for name, value in parts.items():
             self.log(f"train_{name}", value, on_epoch=True, on_step=False, logger=True, batch_size=len(features))
         return {"loss": loss}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A step whose gradients are not finite is skipped too (its gradients dropped), and counted."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = all(torch.isfinite(p.grad).all() for p in params)
+        if not finite:
+            for p in params:
+                p.grad = None
+        self._record_step(finite)
+
+    def _record_step(self, finite: bool) -> None:
+        """Count the step; stop the task once too many in a row were not finite."""
+        self.non_finite_steps.record(finite, self.current_epoch, self.global_step)
+        name = self.model.task_names[self.model.task_keys.index(self.model.active_task)]
+        self.non_finite_steps.check(f"{self.model.active_task} ('{name}')", self.config.optim.lr)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score the batch with the active expert."""
@@ -307,6 +328,7 @@ class MoLEFlow(AnomalibModule):
             **components: ``pre_processor``, ``evaluator``, ``visualizer`` overrides.
         """
         checkpoint = safe_torch_load(path)
+        verify_digest(checkpoint, path)
         settings = saved_settings(checkpoint, path)
         model = cls(
             config=settings.config,

@@ -133,7 +133,7 @@ def test_run_state_rules(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"bad\.pt.*inconsistent 'run_state'"):
         load_run_checkpoint(bad)
     no_state = tmp_path / "no_state.pt"
-    torch.save({FORMAT_KEY: 2}, no_state)
+    torch.save({FORMAT_KEY: 1}, no_state)
     with pytest.raises(CheckpointError, match=r"no_state\.pt.*missing or inconsistent 'run_state'"):
         load_run_checkpoint(no_state)
     good = tmp_path / "good.pt"

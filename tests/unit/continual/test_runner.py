@@ -383,7 +383,7 @@ def test_unknown_product_flagged(finished_run: FinishedRun, tmp_path: Path) -> N
     routing = checkpoint["hyper_parameters"]["config"]["routing"]
     assert routing["unknown_threshold"] is None
     routing["unknown_threshold"] = 1.5
-    del checkpoint["anomalib_moleflow_continual"], checkpoint["run_state"]
+    del checkpoint["anomalib_moleflow_continual"], checkpoint["run_state"], checkpoint["checksum"]
     path = save_run_checkpoint(tmp_path / "with_threshold.ckpt", state, checkpoint)
 
     known = [p for name in TASKS for p in sorted((finished_run.root / name / "test" / "good").glob("*.png"))]
@@ -455,7 +455,7 @@ def test_checkpoint_from_before_the_position_gaussian_loads_and_scores_without_i
     checkpoint["state_dict"] = {
         k: v for k, v in checkpoint["state_dict"].items() if "position_gaussian" not in k and "patch_memory" not in k
     }
-    del checkpoint["anomalib_moleflow_continual"], checkpoint["run_state"]
+    del checkpoint["anomalib_moleflow_continual"], checkpoint["run_state"], checkpoint["checksum"]
     path = save_run_checkpoint(tmp_path / "older.ckpt", state, checkpoint)
 
     older = MoLEFlow.from_checkpoint(path)
@@ -481,7 +481,7 @@ def test_resume_restores_the_ogp_state(
     checkpoint, state = load_run_checkpoint(last)
     basis = torch.linalg.qr(torch.randn(6, 2, generator=torch.Generator().manual_seed(0))).Q
     checkpoint["ogp"] = {"bases": {"spatial_mixer.kernel_logits": basis}, "ranks": {"spatial_mixer.kernel_logits": [2]}, "n_tasks": 1}
-    del checkpoint[FORMAT_KEY], checkpoint["run_state"]
+    del checkpoint[FORMAT_KEY], checkpoint["run_state"], checkpoint["checksum"]
     save_run_checkpoint(last, state, checkpoint)
     stream = TaskStream(list(TASKS), root=str(finished_run.root), train_batch_size=8, eval_batch_size=8, num_workers=0)
     runner = ContinualRunner(
@@ -491,3 +491,20 @@ def test_resume_restores_the_ogp_state(
     assert runner.ogp is not None and runner.ogp.n_tasks == 1
     assert runner.ogp.ranks == {"spatial_mixer.kernel_logits": [2]}
     assert torch.equal(runner.ogp.bases["spatial_mixer.kernel_logits"], basis)
+
+
+def test_output_folder_that_refuses_writes_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only folder (what chmod 555 gives a normal user): refused with the folder named."""
+    import errno
+
+    from anomalib_moleflow.continual.runner import _check_writable
+
+    def refuse(self: Path, data: bytes) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    with pytest.raises(PermissionError, match=r"cannot write to the output folder '.*run': Permission denied"):
+        _check_writable(tmp_path / "run")
+    monkeypatch.undo()
+    _check_writable(tmp_path / "run")  # a writable folder passes and keeps no probe file
+    assert list((tmp_path / "run").iterdir()) == []

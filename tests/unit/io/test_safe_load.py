@@ -64,3 +64,11 @@ def test_any_dict_loads(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     assert safe_torch_load(foreign) == {"state_dict": {}}
+
+
+def test_refusal_names_the_global_it_refused(tmp_path: Path) -> None:
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"obj": _NotPlainData()}, pickled)
+    with pytest.raises(CheckpointError, match=r"Unsupported global: GLOBAL .*_NotPlainData") as info:
+        safe_torch_load(pickled)
+    assert "\n" not in str(info.value)

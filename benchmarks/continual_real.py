@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from reporting import continual_table, finish_meta, header_line, markdown_table, run_meta, write_json
+from reporting import continual_table, finish_meta, header_line, markdown_table, run_meta, write_results
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -151,10 +151,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if len(runs) > 1:
         data["runs"] = [{k: v for k, v in r.items() if k != "out_dir"} for r in runs]
         data["spread"] = spread(runs)
-    write_json(results / "continual_real.json", data)
+    write_results(results, "continual_real", data, markdown)
     shutil.copy(first["out_dir"] / "continual_matrix.png", results / "continual_real_matrix.png")
-    (results / "continual_real.md").write_text(markdown(data))
-    print(markdown(data))
     return data
 
 

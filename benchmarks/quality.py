@@ -31,7 +31,7 @@ import yaml
 from quality_lib.nn_ceiling import NearestNeighbourCeiling
 from quality_lib.report import markdown
 from quality_lib.unknown_products import leave_one_out
-from reporting import finish_meta, run_meta, write_json
+from reporting import finish_meta, run_meta, write_results
 
 from anomalib_moleflow.continual import TaskStream
 from anomalib_moleflow.continual.evaluation import loader_of_test_split
@@ -123,9 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "model_config": model.config.to_dict(),
     }
     results = Path(args.results_dir)
-    write_json(results / "quality.json", data)
-    (results / "quality.md").write_text(markdown(data))
-    print(markdown(data))
+    write_results(results, "quality", data, markdown)
     return data
 
 

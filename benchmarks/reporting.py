@@ -23,7 +23,7 @@ import resource
 import shlex
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,15 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def write_results(folder: Path, name: str, data: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> str:
+    """Write ``<folder>/<name>.json`` and ``<name>.md`` (rendered by ``markdown``); print and return the markdown."""
+    write_json(Path(folder) / f"{name}.json", data)
+    text = markdown(data)
+    (Path(folder) / f"{name}.md").write_text(text)
+    print(text)
+    return text
 
 
 def pyplot() -> Any:  # noqa: ANN401 - the matplotlib.pyplot module

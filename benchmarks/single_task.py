@@ -28,7 +28,7 @@ from reporting import (
     markdown_table,
     peak_rss_mib,
     run_meta,
-    write_json,
+    write_results,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -143,9 +143,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     meta["config"] = str(CONFIG.relative_to(CONFIG.parent.parent))
     data = {"meta": meta, "results": rows}
     results = Path(args.results_dir)
-    write_json(results / "single_task.json", data)
-    (results / "single_task.md").write_text(markdown(data))
-    print(markdown(data))
+    write_results(results, "single_task", data, markdown)
     return data
 
 

@@ -83,3 +83,11 @@ def test_every_script_runs_as_a_script() -> None:
         proc = run_python([f"benchmarks/{script}", "--help"], cwd=REPO, timeout=120)
         assert proc.returncode == 0, (script, proc.stderr[-2000:])
         assert proc.stdout.startswith("usage: "), script
+
+
+def test_write_results_writes_json_and_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = {"meta": {"command": "x"}, "rows": [1, 2]}
+    text = reporting.write_results(tmp_path / "out", "thing", data, lambda d: f"# rows {d['rows']}\n")
+    assert json.loads((tmp_path / "out" / "thing.json").read_text()) == data
+    assert (tmp_path / "out" / "thing.md").read_text() == text == "# rows [1, 2]\n"
+    assert "# rows [1, 2]" in capsys.readouterr().out

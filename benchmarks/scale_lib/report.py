@@ -126,8 +126,8 @@ def _router_bullet(rows: list[dict[str, Any]], summ: dict[str, Any]) -> str:
         f"- **Router** ({verdict}): `route()` takes {_fmt(second['route_ms_batch1_median'], 3)} ms at 2 tasks and "
         f"{_fmt(last['route_ms_batch1_median'], 3)} ms at {n} (x{_fmt(summ['route_ms_ratio_last_vs_2'], 2)}); the "
         f"median of the last three task counts is {_fmt(median(tail) if tail else None, 3)} ms "
-        f"(x{_fmt(tail_ratio, 2)}). Every router first takes one batched Mahalanobis distance to all task "
-        "prototypes (one matrix product on pooled vectors: linear in the tasks but small); the memory router "
+        f"(x{_fmt(tail_ratio, 2)}). Every router first takes the Mahalanobis distance to every task "
+        "prototype (on pooled vectors: linear in the tasks but small); the memory router (the default) "
         "then compares the image's patches with the memories of its two shortlisted candidates, a cost that "
         "does not grow with the number of tasks."
     )

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .config import OptimConfig
+
 CONSECUTIVE_LIMIT = 10
 """Non-finite steps in a row after which a task stops."""
 
@@ -46,7 +48,7 @@ class NonFiniteSteps:
         msg = (
             f"training of task {task} stopped: {self.consecutive} steps in a row had a non-finite loss or "
             f"gradient ({self.total} skipped in all, the first at epoch {epoch}, step {step}). The likely cause "
-            f"is the learning rate (optim.lr={lr:g}; the default is 2e-3): lower it."
+            f"is the learning rate (optim.lr={lr:g}; the default is {OptimConfig().lr:g}): lower it."
         )
         raise NonFiniteTrainingError(msg)
 

@@ -197,7 +197,7 @@ def test_real_config_validates(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(CONFIGS.parents[1])  # relative paths start from the repository root
     TaskStream.from_dict(yaml.safe_load((CONFIGS / "mvtec_real.yaml").read_text())["data"]).validate()
     stream = TaskStream(list(MVTEC_ORIGINAL_ORDER), root=str(REAL_ROOT))
-    with pytest.raises(FileNotFoundError) as info:  # 13 of the 15 categories are not on this machine
+    with pytest.raises(FileNotFoundError) as info:  # the shared data holds 2 of the 15 categories
         stream.validate()
     assert "13 problem(s)" in str(info.value) and "task 0 'leather'" in str(info.value)
     assert "'transistor'" not in str(info.value).split("\n", 1)[1]

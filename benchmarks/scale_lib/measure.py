@@ -7,6 +7,7 @@ seen tasks it times the routed model, reads memory and counts parameters, giving
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -26,13 +27,14 @@ from anomalib_moleflow.continual.runner import (
 from anomalib_moleflow.continual.task_stream import TaskStream
 from anomalib_moleflow.data.synthetic import make_products
 from anomalib_moleflow.models.moleflow import MoLEFlowConfig, MoLEFlowModel
+from anomalib_moleflow.models.moleflow.routing import TaskRouter
 
 from .settings import ScaleSettings
 
 #: Keys of every row of ``scale.json`` (one row per number of tasks).
 ROW_KEYS: tuple[str, ...] = (
     "n_tasks", "task", "latency_ms_batch1_median", "latency_ms_batch1_min", "oracle_latency_ms_batch1_median",
-    "routing_overhead_ms_batch1_median", "route_ms_batch1_median",
+    "routing_overhead_ms_batch1_median", "route_ms_batch1_median", "route_ms_interleaved_all", "route_ms_interleaved_2",
     "throughput_img_per_s", "throughput_batch", "experts_in_batch", "eval_ms_per_image",
     "routing_accuracy", "routing_accuracy_per_task", "image_AUROC_mean_routed", "image_AUROC_mean_oracle",
     "pixel_AUROC_mean_routed",
@@ -52,6 +54,33 @@ def mean(values: Sequence[float | None]) -> float | None:
     """Mean of the values that are not ``None`` (``None`` without any)."""
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
+
+
+def first_tasks_router(router: TaskRouter, count: int) -> TaskRouter:
+    """A copy of ``router`` that knows only its first ``count`` tasks."""
+    restricted = copy.deepcopy(router)
+    for key in restricted.task_keys[count:]:
+        del restricted.tasks[key]
+        restricted._fitted_keys.discard(key)  # noqa: SLF001
+    return restricted
+
+
+def interleaved_route_ms(torch_model: MoLEFlowModel, features: torch.Tensor, runs: int, warmup: int) -> tuple[float, float]:
+    """Median ``route()`` ms with every seen task and with the first two only, the two timed in
+    alternation on the same features, so a CPU slowed by other processes meanwhile slows both."""
+    full = torch_model.router
+    routers = {"all": full, "2": first_tasks_router(full, 2)}
+    times: dict[str, list[float]] = {"all": [], "2": []}
+    try:
+        for i in range(warmup + runs):
+            for name in ("all", "2") if i % 2 == 0 else ("2", "all"):
+                torch_model.router = routers[name]
+                ms = timed_ms(torch_model.route, features)
+                if i >= warmup:
+                    times[name].append(ms)
+    finally:
+        torch_model.router = full
+    return statistics.median(times["all"]), statistics.median(times["2"])
 
 
 def experts_used(pred_task: torch.Tensor) -> int:
@@ -99,18 +128,21 @@ class ScaleRunner(ContinualRunner):
                 else:
                     with torch_model.oracle(torch_model.task_keys[task]):
                         oracle.append(timed_ms(torch_model, image[None]))
-        route_ms = None
+        route_ms = route_all = route_2 = None
         if torch_model.routing_active:
             features = torch_model.extract_features(singles[:1])
             for _ in range(s.warmup):
                 torch_model.route(features)
             route_ms = statistics.median(timed_ms(torch_model.route, features) for _ in range(runs))
+            route_all, route_2 = interleaved_route_ms(torch_model, features, max(runs, 30), s.warmup)
         return {
             "latency_ms_batch1_median": statistics.median(latency),
             "latency_ms_batch1_min": min(latency),
             "oracle_latency_ms_batch1_median": statistics.median(oracle),
             "routing_overhead_ms_batch1_median": statistics.median(r - o for r, o in zip(latency, oracle, strict=True)),
             "route_ms_batch1_median": route_ms,
+            "route_ms_interleaved_all": route_all,
+            "route_ms_interleaved_2": route_2,
         }
 
     def _throughput(self, torch_model: MoLEFlowModel, n_seen: int) -> dict[str, Any]:

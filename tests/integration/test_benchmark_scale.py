@@ -69,13 +69,15 @@ def test_scale_results_files(scale_run: tuple[dict[str, Any], Path, Path]) -> No
     for row in rows:
         assert list(row) == list(scale.ROW_KEYS)
         for key in scale.ROW_KEYS:
-            if key == "route_ms_batch1_median" and row["n_tasks"] == 1:
+            if key.startswith("route_ms") and row["n_tasks"] == 1:
                 assert row[key] is None  # no routing with a single expert
             else:
                 assert row[key] is not None, (row["n_tasks"], key)
         assert row["latency_ms_batch1_median"] >= row["latency_ms_batch1_min"] > 0 and row["throughput_img_per_s"] > 0
         assert 0.0 <= row["routing_accuracy"] <= 1.0 and len(row["routing_accuracy_per_task"]) == row["n_tasks"]
         assert 1 <= row["experts_in_batch"] <= row["n_tasks"]
+        if row["n_tasks"] > 1:
+            assert row["route_ms_interleaved_all"] > 0 and row["route_ms_interleaved_2"] > 0
         assert row["peak_rss_mib"] >= row["rss_mib"] > 0
         assert row["checkpoint_mib"] > 0 and row["train_seconds"] > 0
     assert rows[0]["experts_in_batch"] == 1
@@ -126,3 +128,18 @@ def test_committed_results_render_unchanged() -> None:
     data = json.loads((BENCHMARKS / "results" / "scale.json").read_text())
     assert summarize(data["rows"]) == data["summary"]
     assert markdown(data) == (BENCHMARKS / "results" / "scale.md").read_text()
+
+
+def test_first_tasks_router_knows_only_the_first_tasks_and_leaves_the_original() -> None:
+    from scale_lib.measure import first_tasks_router
+
+    from anomalib_moleflow.models.moleflow.routing import TaskRouter
+
+    router = TaskRouter(4, metric="euclidean")
+    for t in range(4):
+        router.fit(str(t), torch.randn(6, 4) + 10 * t)
+    restricted = first_tasks_router(router, 2)
+    assert restricted.task_keys == ["0", "1"] and restricted.n_fitted == 2
+    assert router.task_keys == ["0", "1", "2", "3"] and router.n_fitted == 4
+    far = torch.full((1, 4), 30.0)  # nearest to task 3
+    assert int(router(far, None)) == 3 and int(restricted(far, None)) == 1

@@ -5,8 +5,8 @@
 routes in one of two modes:
 
 * ``prototype``: to the Mahalanobis-nearest task (as the public MoLE-Flow code);
-* ``hybrid`` (notes V3-5, two stages) and ``memory``: shortlist the ``top_k`` nearest prototypes,
-  then the candidate with the lowest *candidate score* wins. The model gives the score: for
+* ``hybrid`` (notes V3-5, two stages) and ``memory``: shortlist the ``top_k`` nearest prototypes
+  (the model uses Euclidean distance here: see ``RoutingConfig.prototype_metric``), then the candidate with the lowest *candidate score* wins. The model gives the score: for
   ``hybrid`` the candidate expert's mean per-patch NLL (minus the image log-likelihood; every
   candidate scores the same patches, so mean and sum decide alike), for ``memory`` the median
   over the image's patches of their distance to the candidate's patch memory, which a defect,
@@ -39,6 +39,7 @@ UNKNOWN = -1
 CandidateScore = Callable[[torch.Tensor, str], torch.Tensor]
 """``(features (b, H, W, C), task key) -> score (b,)`` of the images under that task; lower wins."""
 MODES = ("prototype", "hybrid", "memory")
+METRICS = ("mahalanobis", "euclidean")
 
 
 class _TaskPrototype(nn.Module):
@@ -57,6 +58,8 @@ class TaskRouter(TaskStatistics):
         channels: Width of the pooled features.
         mode: ``"prototype"``, ``"hybrid"`` or ``"memory"``.
         top_k: Shortlist length of the two-stage modes.
+        metric: ``"mahalanobis"`` (per-task precision) or ``"euclidean"`` (identity precision) distance
+            to the prototypes; the calibration distances use the same metric.
         unknown_threshold: Multiple of a task's calibration distance beyond which an image is
             "unknown product"; ``None`` disables the flag.
         calibration_quantile: Quantile of cross-fitted training distances used as a task's
@@ -71,6 +74,7 @@ class TaskRouter(TaskStatistics):
         channels: int,
         mode: str = "prototype",
         top_k: int = 2,
+        metric: str = "mahalanobis",
         unknown_threshold: float | None = None,
         calibration_quantile: float = 0.99,
         calibration_folds: int = 5,
@@ -80,6 +84,10 @@ class TaskRouter(TaskStatistics):
         if mode not in MODES:
             msg = f"TaskRouter mode must be one of {', '.join(MODES)}, got {mode!r}"
             raise ValueError(msg)
+        if metric not in METRICS:
+            msg = f"TaskRouter metric must be one of {', '.join(METRICS)}, got {metric!r}"
+            raise ValueError(msg)
+        self.metric = metric
         self.channels = channels
         self.mode = mode
         self.top_k = top_k
@@ -87,7 +95,8 @@ class TaskRouter(TaskStatistics):
         self.calibration_quantile = calibration_quantile
         self.calibration_folds = calibration_folds
         self.ridge = ridge
-        self._stacked: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._stacked: tuple[tuple, torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
+        self._revision = 0  # bumped whenever a task's statistics are stored or loaded
 
     def _new_task(self) -> nn.Module:
         return _TaskPrototype(self.channels)
@@ -103,8 +112,13 @@ class TaskRouter(TaskStatistics):
             msg = f"TaskRouter.fit got {pooled.shape[1]} channels, the router has {self.channels}"
             raise ValueError(msg)
         x = pooled.detach().double()
-        mean, precision = fit_gaussian(x, self.ridge)
+        mean, precision = self._fit_gaussian(x)
         self._store(key, mean=mean, precision=precision, calibration=self._calibrate(x, mean, precision))
+
+    def _fit_gaussian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.metric == "euclidean":
+            return x.mean(dim=0), torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        return fit_gaussian(x, self.ridge)
 
     def _calibrate(self, x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> float:
         """Quantile of cross-fitted (or, for tiny sets, in-sample) training distances."""
@@ -114,7 +128,7 @@ class TaskRouter(TaskStatistics):
             dist = torch.empty(n, dtype=x.dtype, device=x.device)
             for f in range(folds):
                 held = fold == f
-                fold_mean, fold_precision = fit_gaussian(x[~held], self.ridge)
+                fold_mean, fold_precision = self._fit_gaussian(x[~held])
                 dist[held] = mahalanobis(x[held], fold_mean, fold_precision)
         else:
             dist = mahalanobis(x, mean, precision)
@@ -122,28 +136,55 @@ class TaskRouter(TaskStatistics):
         return max(value, 1e-12)
 
     # ----------------------------------------------------------------- routing
-    def _statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Means ``(T, C)`` and precisions ``(T, C, C)`` in float64 and the fitted mask ``(T,)``,
-        stacked once and kept until a task's statistics change."""
-        stamp = tuple((k, self.fitted(k), t.mean.data_ptr(), t.mean._version, t.precision._version) for k, t in self.tasks.items())
+    def _statistics(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Whitening of every task side by side ``(C, T * C)`` (``None`` for the Euclidean metric), the
+        whitened means ``(T, C)`` (float32) and the fitted mask ``(T,)``, built once and kept until a
+        task's statistics change.
+
+        With ``precision = L L^T`` (Cholesky, in float64) the squared Mahalanobis distance is
+        ``||x L - mean L||^2``: one matrix product of the pooled features with all tasks' ``L`` at
+        once, no ``(T, B, C)`` difference tensor; it equals the float64 quadratic form to ~1e-7
+        relative. The Euclidean metric needs no whitening: one ``cdist`` to the stacked means."""
+        tasks = self.tasks
+        stamp = (tuple(tasks.keys()), frozenset(self._fitted_keys), self._revision,
+                 next(iter(tasks.values())).mean.data_ptr())  # fmt: skip
         if self._stacked is None or self._stacked[0] != stamp:
-            tasks = list(self.tasks.values())
-            means = torch.stack([t.mean.double() for t in tasks])
-            precisions = torch.stack([t.precision.double() for t in tasks])
-            fitted = torch.tensor([self.fitted(k) for k in self.tasks], device=means.device)
-            self._stacked = (stamp, means, precisions, fitted)
+            states = list(tasks.values())
+            fitted = torch.tensor([self.fitted(k) for k in tasks], device=states[0].mean.device)
+            means = torch.stack([t.mean.double() for t in states])
+            whitening = None
+            if self.metric == "mahalanobis":
+                factors = []
+                for state, ok in zip(states, fitted.tolist(), strict=True):
+                    precision = state.precision.double()
+                    factors.append(torch.linalg.cholesky(precision) if ok else torch.zeros_like(precision))
+                chol = torch.stack(factors)  # (T, C, C)
+                means = torch.einsum("tc,tcd->td", means, chol)
+                whitening = chol.permute(1, 0, 2).reshape(self.channels, -1).float().contiguous()  # (C, T * C)
+            self._stacked = (stamp, whitening, means.float().contiguous(), fitted)
         return self._stacked[1], self._stacked[2], self._stacked[3]
 
+    def _store(self, key: str, **values: torch.Tensor | float) -> None:
+        super()._store(key, **values)
+        self._revision += 1
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self._revision += 1
+
     def distances(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Mahalanobis distance ``(B, T)`` to every task in ``task_keys`` order (``inf`` while unfitted)."""
+        """Distance (``metric``) ``(B, T)`` to every task in ``task_keys`` order (``inf`` while unfitted)."""
         if len(self.tasks) == 0:
             msg = "TaskRouter has no task yet: fit one first"
             raise RuntimeError(msg)
-        means, precisions, fitted = self._statistics()
-        diff = pooled.to(means.device).double()[None] - means[:, None]  # (T, B, C)
-        squared = (torch.matmul(diff, precisions) * diff).sum(dim=-1).clamp_min(0).sqrt()  # (T, B)
-        squared = torch.where(fitted[:, None], squared, torch.full_like(squared, float("inf")))
-        return squared.T.float()
+        whitening, means, fitted = self._statistics()
+        x = pooled.to(means.device).float()
+        if whitening is None:
+            dist = torch.cdist(x, means)
+        else:
+            projected = (x @ whitening).view(x.shape[0], len(fitted), self.channels) - means  # (B, T, C)
+            dist = projected.square().sum(dim=-1).sqrt()
+        return torch.where(fitted[None], dist, torch.full_like(dist, float("inf")))
 
     def calibrations(self) -> torch.Tensor:
         """Calibration distance ``(T,)`` of each task."""

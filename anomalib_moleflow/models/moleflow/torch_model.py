@@ -69,6 +69,7 @@ class MoLEFlowModel(nn.Module):
                 self.feature_extractor.total_channels,
                 mode=cfg.routing.router,
                 top_k=cfg.routing.router_top_k,
+                metric=cfg.routing.resolved_prototype_metric,
                 unknown_threshold=cfg.routing.unknown_threshold,
             )
             if cfg.routing.router != "none"

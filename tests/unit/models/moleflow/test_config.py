@@ -96,6 +96,7 @@ BAD_VALUES = [
     ("loss", "tail_top_ratio", 0.0, "be in (0, 1]"),
     ("routing", "router", "nearest", "be one of 'memory', 'prototype', 'hybrid', 'none'"),
     ("routing", "router_top_k", 0, "be >= 1"),
+    ("routing", "prototype_metric", "cosine", "be one of 'auto', 'mahalanobis', 'euclidean'"),
     ("scoring", "score_top_k", 0, "be >= 1"),
     ("scoring", "global_score_weight", -1.0, "be >= 0"),
     ("scoring", "position_gaussian_weight", -0.5, "be >= 0"),
@@ -123,6 +124,16 @@ def test_limits_themselves_are_accepted() -> None:
     })
     assert cfg.loss.tail_weight == 0.0 and cfg.routing.router == "none"
     assert MoLEFlowConfig.from_dict({"loss": {"tail_weight": 1.0}}).loss.tail_weight == 1.0
+
+
+@pytest.mark.parametrize(
+    ("router", "metric", "resolved"),
+    [("memory", "auto", "euclidean"), ("hybrid", "auto", "euclidean"), ("prototype", "auto", "mahalanobis"),
+     ("prototype", "euclidean", "euclidean"), ("memory", "mahalanobis", "mahalanobis")],
+)  # fmt: skip
+def test_auto_prototype_metric_is_mahalanobis_only_for_the_prototype_router(router: str, metric: str, resolved: str) -> None:
+    cfg = MoLEFlowConfig.from_dict({"routing": {"router": router, "prototype_metric": metric}})
+    assert cfg.routing.resolved_prototype_metric == resolved
 
 
 def test_whitening_plus_ms_context_drops_ms_context() -> None:
@@ -203,6 +214,7 @@ LEGACY_ABSENT = {
     "position_gaussian_weight": 0.0,
     "patch_memory_size": 0,
     "router": "prototype",
+    "prototype_metric": "mahalanobis",
 }
 
 

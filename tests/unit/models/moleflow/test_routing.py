@@ -91,7 +91,8 @@ def test_distances_are_mahalanobis_to_each_prototype() -> None:
     expected = torch.stack(
         [mahalanobis(x, router.tasks[k].mean, router.tasks[k].precision) for k in router.task_keys], dim=1
     ).float()
-    assert torch.equal(router.distances(x), expected)
+    # float32 whitened product vs float64 quadratic form
+    torch.testing.assert_close(router.distances(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_mahalanobis_beats_euclidean_on_anisotropic_tasks() -> None:
@@ -105,6 +106,31 @@ def test_mahalanobis_beats_euclidean_on_anisotropic_tasks() -> None:
     probe2 = torch.zeros(1, DIM)
     probe2[0, 0] = 7.0  # euclidean-closer to the narrow task's mean (12) than to 0
     assert _route(router, torch.cat([probe, probe2])).tolist() == [0, 0]
+
+
+def test_euclidean_metric_is_the_plain_distance_to_each_mean() -> None:
+    router = _fitted(metric="euclidean")
+    x, labels = _held_out(20)
+    means = torch.stack([router.tasks[k].mean for k in router.task_keys])
+    torch.testing.assert_close(router.distances(x), torch.cdist(x, means), rtol=1e-5, atol=1e-5)
+    assert (_route(router, x) == labels).float().mean() > 0.9
+
+
+def test_euclidean_shortlist_keeps_an_image_whose_defect_lies_where_its_task_never_varied() -> None:
+    """Task A's images barely vary, task B's (mean 1 away) vary widely: a defect along a direction
+    A never varied in makes the image Mahalanobis-far from A, though A's mean stays the nearest."""
+    g = torch.Generator().manual_seed(0)
+    tight = 0.1 * torch.randn(200, DIM, generator=g)
+    wide = torch.randn(200, DIM, generator=g) + torch.eye(DIM)[1]
+    defective = torch.zeros(1, DIM)
+    defective[0, 0] = 2.0
+    routed = {}
+    for metric in ("mahalanobis", "euclidean"):
+        router = TaskRouter(DIM, metric=metric)
+        router.fit("a", tight)
+        router.fit("b", wide)
+        routed[metric] = _route(router, defective).item()
+    assert routed == {"mahalanobis": 1, "euclidean": 0}
 
 
 def test_refitting_a_task_replaces_its_prototype() -> None:
@@ -135,6 +161,8 @@ def test_unfitted_tasks_are_never_chosen() -> None:
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="one of prototype, hybrid, memory, got 'none'"):
         TaskRouter(DIM, mode="none")
+    with pytest.raises(ValueError, match="metric must be one of mahalanobis, euclidean, got 'cosine'"):
+        TaskRouter(DIM, metric="cosine")
     router = TaskRouter(DIM)
     with pytest.raises(ValueError, match=r"pooled features \(N, C\) with N >= 1, got shape \(2, 3, 32\)"):
         router.fit("0", torch.zeros(2, 3, DIM))

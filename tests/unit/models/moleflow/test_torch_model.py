@@ -464,6 +464,7 @@ def test_fit_task_statistics_fits_router_position_gaussian_and_global_score(make
     reference = TaskRouter(TOTAL_CHANNELS)
     reference.fit(key, pool_features(features))
     assert torch.equal(model.router.tasks[key].mean, reference.tasks[key].mean)
+    assert model.router.metric == "mahalanobis" and make_model().router.metric == "euclidean"  # memory router's shortlist
     # the global score reads the pooled deep channels; fused training scores are z-normalised
     fused = model.score_features(features, key).pred_score
     assert not torch.equal(fused, flow_only)

@@ -123,11 +123,12 @@ def test_profile_inference_on_the_scale_checkpoint(scale_run: tuple[dict[str, An
     assert "Self CPU time total" in text
 
 
-def test_committed_results_render_unchanged() -> None:
-    """The committed ``results/scale.json`` gives the committed summary and ``scale.md``."""
-    data = json.loads((BENCHMARKS / "results" / "scale.json").read_text())
+@pytest.mark.parametrize("folder", ["results", "results/scale_lookalike"])
+def test_committed_results_render_unchanged(folder: str) -> None:
+    """The committed ``scale.json`` of each stream gives the committed summary and ``scale.md``."""
+    data = json.loads((BENCHMARKS / folder / "scale.json").read_text())
     assert summarize(data["rows"]) == data["summary"]
-    assert markdown(data) == (BENCHMARKS / "results" / "scale.md").read_text()
+    assert markdown(data) == (BENCHMARKS / folder / "scale.md").read_text()
 
 
 def test_first_tasks_router_knows_only_the_first_tasks_and_leaves_the_original() -> None:

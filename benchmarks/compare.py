@@ -6,7 +6,7 @@ Runs, one model per subprocess (``--worker NAME``, peak memory per model), on th
 backbone (``tf_efficientnet_lite0`` offline weights, stride-8/16 stages) and input size:
 
 * ``moleflow``: the continual CLI (``python -m anomalib_moleflow continual --config
-  configs/continual/mvtec_real.yaml ...``), then its final checkpoint for the costs;
+  mvtec_real ...``), then its final checkpoint for the costs;
 * ``patchcore`` / ``fastflow``: anomalib's models, one per task (task id known: upper bound);
 * ``fastflow_seq``: one FastFlow fine-tuned task after task (forgetting);
 * ``patchcore_joint``: one PatchCore memory bank grown task after task by each task's coreset
@@ -49,7 +49,7 @@ from reporting import finish_meta, run_meta, write_json
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-DEFAULT_CONFIG = REPO / "configs" / "continual" / "mvtec_real.yaml"
+DEFAULT_CONFIG = REPO / "anomalib_moleflow" / "configs" / "continual" / "mvtec_real.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
     python benchmarks/continual_real.py --root ../shared/data/mvtec_ad
     python benchmarks/continual_real.py --seeds 0 1 2 --threads 1 2     # mean and spread of six runs
 
-Runs ``python -m anomalib_moleflow continual --config configs/continual/mvtec_real.yaml``
+Runs ``python -m anomalib_moleflow continual --config mvtec_real``
 in a subprocess with MKL's reproducible mode (``MKL_CBWR=AUTO,STRICT`` unless set; reruns then
 repeat bit for bit at one torch thread), recording wall time and peak memory, then copies
 its ``continual_metrics.json`` into ``<results-dir>/continual_real.json`` together with the
@@ -28,7 +28,7 @@ from reporting import continual_table, finish_meta, header_line, markdown_table,
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-CONFIG = HERE.parent / "configs" / "continual" / "mvtec_real.yaml"
+CONFIG = HERE.parent / "anomalib_moleflow" / "configs" / "continual" / "mvtec_real.yaml"
 REPRODUCIBLE_MKL = "AUTO,STRICT"
 """``MKL_CBWR`` for the run unless set: without it MKL's results may depend on memory alignment, and
 two runs of the same command on one CPU were seen to differ (bottle pixel AUROC 0.9749 vs 0.9735)."""

@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py --mvtec-root ../shared/data/mvtec_ad --elpv-root ../shared/data/elpv
 
-1. Runs ``python -m anomalib_moleflow continual`` over ``configs/continual/real_four.yaml`` (bottle,
+1. Runs ``python -m anomalib_moleflow continual`` over ``anomalib_moleflow/configs/continual/real_four.yaml`` (bottle,
    transistor, elpv_mono, elpv_poly; task id hidden at test time) in a subprocess, with MKL's
    reproducible mode, and reads its final per-task metrics (routed and oracle).
 2. Computes, on the same pre-processing and backbone features, the nearest-neighbour ceiling of
@@ -39,7 +39,7 @@ from anomalib_moleflow.models.moleflow import MoLEFlow
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-CONFIG = HERE.parent / "configs" / "continual" / "real_four.yaml"
+CONFIG = HERE.parent / "anomalib_moleflow" / "configs" / "continual" / "real_four.yaml"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 
 Each category runs in its own subprocess (so peak memory is that category's), through
 anomalib's ``Engine`` exactly as ``anomalib train`` does, with the model settings of
-``configs/moleflow.yaml``.
+``anomalib_moleflow/configs/moleflow.yaml``.
 
     python benchmarks/single_task.py --root ../shared/data/mvtec_ad --categories bottle transistor
 
@@ -33,7 +33,7 @@ from reporting import (
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-CONFIG = HERE.parent / "configs" / "moleflow.yaml"
+CONFIG = HERE.parent / "anomalib_moleflow" / "configs" / "moleflow.yaml"
 TABLE_HEADER = ("category", "epochs", "image AUROC", "pixel AUROC", "train s", "inference ms/img (batch 1)",
                 "peak RSS MiB")  # fmt: skip
 
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="../shared/data/mvtec_ad")
     parser.add_argument("--categories", nargs="+", default=["bottle", "transistor"])
-    parser.add_argument("--epochs", type=int, default=None, help="default: trainer.max_epochs of configs/moleflow.yaml")
+    parser.add_argument("--epochs", type=int, default=None, help="default: trainer.max_epochs of anomalib_moleflow/configs/moleflow.yaml")
     parser.add_argument("--results-dir", default=str(RESULTS), help="where single_task.{json,md} go")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one category, print JSON
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ Trains through the package's own code: a :class:`ContinualRunner` over a :class:
 MVTec AD categories (``--root``) or of generated synthetic products (``--synthetic``), exactly as
 ``python -m anomalib_moleflow continual`` does, then evaluates every task routed (task id hidden)
 and oracle. The model configuration is that of ``--config`` (a continual YAML, default
-``configs/continual/mvtec_real.yaml``; its ``model.config``, epochs, batch sizes and seed) with each
+``anomalib_moleflow/configs/continual/mvtec_real.yaml``; its ``model.config``, epochs, batch sizes and seed) with each
 ``--set <group>.<field>=<value>`` applied on top; the learning rate is ``optim.lr`` of that
 configuration, so only the config file or an explicit ``--set optim.lr=...`` changes it. The
 optimiser's actual learning rate of every task is read back during training and recorded.
@@ -53,7 +53,7 @@ from anomalib_moleflow.data.synthetic import PRODUCTS, make_stream
 from anomalib_moleflow.models.moleflow import MoLEFlowConfig
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CONFIG = HERE.parent / "configs" / "continual" / "mvtec_real.yaml"
+DEFAULT_CONFIG = HERE.parent / "anomalib_moleflow" / "configs" / "continual" / "mvtec_real.yaml"
 RESULTS = HERE / "results" / "tuning"
 BENCHMARK = "tune"
 """The ``benchmark`` field of every results file this script writes (``index.md`` lists those)."""

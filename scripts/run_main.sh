@@ -6,6 +6,6 @@
 set -euo pipefail
 EXTRAS="export"
 source "$(dirname "${BASH_SOURCE[0]}")/_install.sh"
-.venv/bin/anomalib-moleflow continual --config configs/continual/mvtec_real.yaml \
+.venv/bin/anomalib-moleflow continual --config mvtec_real \
     --data.root "${MVTEC_ROOT:-../shared/data/mvtec_ad}" \
     --run.output_dir "results/continual/mvtec_real_$(date +%Y%m%d_%H%M%S)" "$@"

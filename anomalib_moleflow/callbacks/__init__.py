@@ -5,7 +5,8 @@ thresholds) at the end of its training (``MoLEFlow.on_train_end``); callbacks he
 a task trains and call into the model's public methods.
 """
 
+from .gather_training_features import GatherTrainingFeatures
 from .ogp import OrthogonalGradientProjection
 from .stop_on_request import StopOnRequest
 
-__all__ = ["OrthogonalGradientProjection", "StopOnRequest"]
+__all__ = ["GatherTrainingFeatures", "OrthogonalGradientProjection", "StopOnRequest"]

@@ -1,7 +1,9 @@
 """The ``anomalib-moleflow`` command: its subcommands, argument errors and the one-line failure report.
 
-    anomalib-moleflow continual --config configs/continual/mvtec_real.yaml [--data.root DIR] [--resume true]
+    anomalib-moleflow continual --config mvtec_real [--data.root DIR] [--resume true]
     python -m anomalib_moleflow continual ...   # the same
+    anomalib-moleflow add-product --model RUN --task cable        # a run learns another product
+    anomalib-moleflow merge --base RUN0 --parts P1 P2 --output M  # experts trained apart (--run.only_task)
 
 Each subcommand is a module of this package with ``HELP``, ``parser()`` and ``run(cfg) -> int``;
 :data:`SUBCOMMANDS` lists them in the order ``--help`` shows.
@@ -16,10 +18,12 @@ from types import ModuleType
 
 from jsonargparse import ArgumentError, ArgumentParser
 
-from anomalib_moleflow.cli import continual
+from anomalib_moleflow.cli import add_product, configs, continual, merge, predict
 from anomalib_moleflow.continual.interruption import RunInterrupted
 
-SUBCOMMANDS: dict[str, ModuleType] = {"continual": continual}
+SUBCOMMANDS: dict[str, ModuleType] = {
+    "continual": continual, "add-product": add_product, "merge": merge, "predict": predict, "configs": configs,
+}
 """Subcommand name -> its module."""
 
 

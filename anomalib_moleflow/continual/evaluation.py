@@ -2,7 +2,8 @@
 
 Backbone features of each test batch are computed once and scored twice: through the router, and
 through the true task's expert. Metrics (:mod:`.metrics`) are image AUROC, pixel AUROC and pixel
-AP on that task's test set, plus routing accuracy.
+AP on that task's test set, the image F1 at the threshold (scores normalised per task, threshold
+0.5), plus routing accuracy. :func:`task_thresholds` reads a task's fitted thresholds.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from torch.utils.data import DataLoader
 
 from anomalib_moleflow.models.moleflow import MoLEFlow
 
-from .metrics import image_and_pixel_metrics
+from .metrics import image_and_pixel_metrics, image_f1
 
-__all__ = ["evaluate_task", "loader_of_test_split"]
+__all__ = ["evaluate_task", "loader_of_test_split", "task_thresholds"]
 
 
 def loader_of_test_split(datamodule: AnomalibDataModule) -> DataLoader:
@@ -59,10 +60,34 @@ def evaluate_task(model: MoLEFlow, datamodule: AnomalibDataModule, task_index: i
     model.train(was_training)
     label_t = torch.cat(labels)
     mask_t = torch.cat(masks) if masks else None
+    out: dict[str, dict[str, float]] = {}
+    for mode, scores, maps in (("routed", routed_scores, routed_maps), ("oracle", oracle_scores, oracle_maps)):
+        out[mode] = image_and_pixel_metrics(torch.cat(scores), torch.cat(maps), label_t, mask_t)
+        f1 = image_f1(torch.cat(scores), label_t) if torch_model.normalizes_scores else None
+        if f1 is not None:  # normalised scores: each task's threshold is 0.5
+            out[mode]["image_F1"] = f1
     return {
-        "routed": image_and_pixel_metrics(torch.cat(routed_scores), torch.cat(routed_maps), label_t, mask_t),
-        "oracle": image_and_pixel_metrics(torch.cat(oracle_scores), torch.cat(oracle_maps), label_t, mask_t),
+        **out,
         "routing_accuracy": correct / max(1, total),
         "n_images": total,
         "model_seconds": seconds,
+    }
+
+
+@torch.no_grad()
+def task_thresholds(model: MoLEFlow, task_index: int, pixel_fitted: bool = True) -> dict[str, float | None] | None:
+    """Task ``task_index``'s image and pixel thresholds, raw and normalised (``None`` while not
+    fitted); the pixel ones are ``None`` unless ``pixel_fitted`` (they were fitted on masks)."""
+    thresholds = model.model.thresholds
+    key = model.model.task_keys[task_index]
+    if not thresholds.fitted(key):
+        return None
+    values = thresholds.values(key)
+    raw_image, raw_pixel = torch.tensor([values["image_threshold"]]), torch.tensor([[values["pixel_threshold"]]])
+    image, pixel = thresholds.normalize(key, raw_image, raw_pixel)
+    return {
+        "image_threshold": values["image_threshold"],
+        "image_threshold_normalized": float(image[0]),
+        "pixel_threshold": values["pixel_threshold"] if pixel_fitted else None,
+        "pixel_threshold_normalized": float(pixel[0, 0]) if pixel_fitted else None,
     }

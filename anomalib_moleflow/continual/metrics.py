@@ -1,15 +1,18 @@
 """The metric maths of the continual evaluation: exact image AUROC, pixel AUROC and pixel AP of
-raw or normalised scores."""
+raw or normalised scores, and the image F1 at the threshold of normalised scores."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
+from anomalib.metrics import F1Score
 from torchmetrics.functional.classification import (
     binary_auroc,
     binary_average_precision,
 )
 
-__all__ = ["image_and_pixel_metrics", "unit_range"]
+__all__ = ["image_and_pixel_metrics", "image_f1", "unit_range"]
 
 
 def unit_range(values: torch.Tensor) -> torch.Tensor:
@@ -36,3 +39,13 @@ def image_and_pixel_metrics(
         out["pixel_AUROC"] = float(binary_auroc(flat_maps, flat_masks))
         out["pixel_AP"] = float(binary_average_precision(flat_maps, flat_masks))
     return out
+
+
+def image_f1(scores: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> float | None:
+    """anomalib's ``F1Score`` of the labels ``scores > threshold`` (its post-processor's rule) against
+    ``labels`` ``(N,)``; ``None`` when no image is anomalous (F1 undefined)."""
+    if not bool(labels.bool().any()):
+        return None
+    metric = F1Score(fields=["pred_label", "gt_label"])
+    metric.update(SimpleNamespace(pred_label=scores > threshold, gt_label=labels.long()))
+    return float(metric.compute())

@@ -6,6 +6,10 @@ and ``oracle`` (the true task id is given). :meth:`ContinualResults.write`
 saves ``continual_metrics.json``, ``continual_matrix.csv`` and
 ``continual_matrix.png`` atomically; :meth:`ContinualResults.from_dict`
 restores the object from the JSON for resuming a run.
+
+``thresholds`` holds each product's fitted image (and pixel, when fitted on masks) threshold, raw
+and normalised, with ``fitted_on`` naming the images that fitted it; ``image_F1`` in the matrices is
+the F1 at that threshold.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from anomalib_moleflow.io import atomic_open, atomic_write_json, atomic_write_te
 __all__ = ["METRIC_NAMES", "ContinualResults"]
 
 #: Metrics kept in the matrices (keys of the dicts passed to ``record``; others are ignored).
-METRIC_NAMES: tuple[str, ...] = ("image_AUROC", "pixel_AUROC", "pixel_AP")
+METRIC_NAMES: tuple[str, ...] = ("image_AUROC", "pixel_AUROC", "pixel_AP", "image_F1")
 ROUTING = "routing_accuracy"
+THRESHOLD_KEYS = ("image_threshold", "image_threshold_normalized", "pixel_threshold", "pixel_threshold_normalized")
 Mode = Literal["routed", "oracle"]
 Matrix = list[list[float | None]]
 
 
-def _clean(value: Any) -> float | None:  # noqa: ANN401 - floats, tensors, numpy scalars
+def _clean(value: Any) -> float | None:
     """``float(value)``, or ``None`` for missing / NaN / infinite values (strict JSON)."""
     if value is None:
         return None
@@ -59,6 +64,8 @@ class ContinualResults:
         self.inference_ms_per_image: float | None = None
         self.resume_forced: list[str] = []
         """Settings that changed when the run was resumed with ``resume_force`` (empty: none)."""
+        self.thresholds: dict[str, dict[str, Any]] = {}
+        """Task name -> its thresholds (see :meth:`record_thresholds`)."""
 
     def _index(self, task: int | str) -> int:
         if isinstance(task, str):
@@ -102,6 +109,18 @@ class ContinualResults:
     def record_timing(self, task: int | str, train_seconds: float) -> None:
         """Store the training time of ``task`` in seconds."""
         self.train_seconds[self.tasks[self._index(task)]] = _clean(train_seconds)
+
+    def record_thresholds(self, task: int | str, values: Mapping[str, Any] | None, fitted_on: str) -> None:
+        """Store ``task``'s thresholds (``image_threshold``, ``pixel_threshold`` and their
+        ``*_normalized`` values; ``None`` where not fitted) and the images that fitted them."""
+        name = self.tasks[self._index(task)]
+        if values is None:
+            self.thresholds.pop(name, None)
+            return
+        self.thresholds[name] = {
+            **{key: _clean(values.get(key)) for key in THRESHOLD_KEYS},
+            "fitted_on": str(fitted_on),
+        }
 
     def set_inference_ms(self, ms_per_image: float) -> None:
         """Store the mean inference time per image in milliseconds."""
@@ -166,6 +185,7 @@ class ContinualResults:
                 "train_seconds": {name: self.train_seconds.get(name) for name in self.tasks},
                 "inference_ms_per_image": self.inference_ms_per_image,
             },
+            "thresholds": {name: dict(self.thresholds[name]) for name in self.tasks if name in self.thresholds},
             **({"resume_forced": list(self.resume_forced)} if self.resume_forced else {}),
         }
 
@@ -190,6 +210,8 @@ class ContinualResults:
                 results.record_timing(name, seconds)
         results.inference_ms_per_image = _clean(timing.get("inference_ms_per_image"))
         results.resume_forced = [str(item) for item in data.get("resume_forced", [])]
+        for name, values in data.get("thresholds", {}).items():
+            results.record_thresholds(name, values, values.get("fitted_on", ""))
         return results
 
     def to_csv(self) -> str:

@@ -15,7 +15,9 @@ the top level; it still loads.
 
 ``completed_tasks`` counts tasks whose training *and* evaluation finished; ``complete`` is set
 only by :meth:`RunState.mark_complete`, once every task is done, so a stopped run never leaves a
-checkpoint that loads as complete.
+checkpoint that loads as complete. A run grows by resuming it over a longer task list that starts
+with its own (:meth:`RunState.extended`, :func:`extended_results`); its earlier checkpoints keep
+the shorter record.
 """
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ from typing import Any
 
 from anomalib_moleflow.io import DIGEST_KEY, CheckpointError, atomic_torch_save, content_digest, safe_torch_load, verify_digest
 
-__all__ = ["FORMAT_KEY", "FORMAT_VERSION", "READABLE_VERSIONS", "RunState", "load_run_checkpoint", "save_run_checkpoint"]
+__all__ = [
+    "FORMAT_KEY",
+    "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "RunState",
+    "extended_results",
+    "latest_checkpoint",
+    "load_run_checkpoint",
+    "save_run_checkpoint",
+    "task_list_mismatch",
+]
 
 #: Marker key (its value: the format version) that every continual checkpoint of this package carries.
 FORMAT_KEY = "anomalib_moleflow_continual"
@@ -72,6 +84,16 @@ class RunState:
             raise ValueError(msg)
         self.complete = True
 
+    def extended(self, task_names: Sequence[str]) -> RunState:
+        """This progress within a longer task list that starts with this run's tasks (not complete
+        when tasks were added)."""
+        mismatch = task_list_mismatch(self.task_names, task_names, allow_more_tasks=True)
+        if mismatch:
+            msg = f"cannot extend a run over the tasks {self.task_names} to {list(task_names)}: {mismatch}"
+            raise ValueError(msg)
+        complete = self.complete and len(task_names) == len(self.task_names)
+        return RunState(task_names=list(task_names), completed_tasks=self.completed_tasks, complete=complete)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (safe for ``weights_only`` loading and JSON)."""
         return {"task_names": list(self.task_names), "completed_tasks": self.completed_tasks, "complete": self.complete}
@@ -104,6 +126,7 @@ def save_run_checkpoint(path: str | Path, run_state: RunState, payload: dict[str
 def load_run_checkpoint(
     path: str | Path,
     expected_tasks: Sequence[str] | None = None,
+    allow_more_tasks: bool = False,
 ) -> tuple[dict[str, Any], RunState]:
     """Load a checkpoint written by :func:`save_run_checkpoint`.
 
@@ -113,7 +136,8 @@ def load_run_checkpoint(
     Raises:
         FileNotFoundError / CheckpointError: see :func:`safe_torch_load`; also when
             the run state is malformed or inconsistent, or its task list differs
-            from ``expected_tasks`` (resuming with another task stream), or it is not a
+            from ``expected_tasks`` (resuming with another task stream; with
+            ``allow_more_tasks`` the stream may add tasks after the run's), or it is not a
             continual checkpoint of a format this version reads.
     """
     checkpoint = safe_torch_load(path)
@@ -138,11 +162,65 @@ def load_run_checkpoint(
     except (KeyError, TypeError, ValueError) as exc:
         msg = f"Checkpoint '{path}' has a missing or inconsistent 'run_state': {type(exc).__name__}: {exc}"
         raise CheckpointError(msg) from exc
-    if expected_tasks is not None and list(expected_tasks) != run_state.task_names:
-        msg = (
-            f"Checkpoint '{path}' belongs to a run over the tasks {run_state.task_names}, but the "
-            f"configured task stream is {list(expected_tasks)}; resume with the same tasks in the same "
-            "order, or start a new run in another output folder."
-        )
-        raise CheckpointError(msg)
+    if expected_tasks is not None:
+        mismatch = task_list_mismatch(run_state.task_names, expected_tasks, allow_more_tasks)
+        if mismatch:
+            more = " (new tasks may follow them)" if allow_more_tasks else ""
+            msg = (
+                f"Checkpoint '{path}' belongs to a run over the tasks {run_state.task_names}, but the "
+                f"configured task stream is {list(expected_tasks)}: {mismatch}; resume with the run's tasks in "
+                f"the same order{more}, or start a new run in another output folder."
+            )
+            raise CheckpointError(msg)
     return checkpoint, run_state
+
+
+def task_list_mismatch(recorded: Sequence[str], stream: Sequence[str], allow_more_tasks: bool = False) -> str | None:
+    """Where ``stream`` departs from a run's ``recorded`` tasks (``None``: it matches, or with
+    ``allow_more_tasks`` it extends them)."""
+    recorded, stream = [str(t) for t in recorded], [str(t) for t in stream]
+    for index, (old, new) in enumerate(zip(recorded, stream, strict=False)):
+        if old != new:
+            return f"task {index} is '{old}' in the run but '{new}' in the stream"
+    if len(stream) < len(recorded):
+        return f"the stream ends before the run's task {len(stream)} '{recorded[len(stream)]}'"
+    if len(stream) > len(recorded) and not allow_more_tasks:
+        return f"the stream adds task {len(recorded)} '{stream[len(recorded)]}'"
+    return None
+
+
+def extended_results(results: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """A run's results dict (``ContinualResults.to_dict``) over more ``tasks``: its task list must start
+    with the recorded one; the new tasks' cells are empty (``None``)."""
+    tasks = [str(t) for t in tasks]
+    mismatch = task_list_mismatch(results["tasks"], tasks, allow_more_tasks=True)
+    if mismatch:
+        msg = f"cannot extend results over the tasks {results['tasks']} to {tasks}: {mismatch}"
+        raise ValueError(msg)
+    n = len(tasks)
+
+    def grown(rows: list[list[Any]]) -> list[list[Any]]:
+        return [[*row, *[None] * (n - len(row))] for row in rows] + [[None] * n for _ in range(n - len(rows))]
+
+    out = dict(results)
+    out["tasks"] = tasks
+    for section in ("matrix", "matrix_oracle"):
+        if section in results:
+            out[section] = {key: grown(rows) for key, rows in results[section].items()}
+    return out
+
+
+def latest_checkpoint(run: str | Path) -> Path:
+    """A run's checkpoint: ``run`` itself when it is a file, else the run folder's checkpoint of its
+    last task (``<run>/checkpoints/task_XX_<name>.ckpt`` with the highest ``XX``)."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    if not run.is_dir():
+        msg = f"'{run}' is neither a run folder nor a checkpoint file"
+        raise FileNotFoundError(msg)
+    found = [(int(p.name.split("_")[1]), p) for p in (run / "checkpoints").glob("task_*_*.ckpt") if p.name.split("_")[1].isdigit()]
+    if not found:
+        msg = f"run folder '{run}' holds no task checkpoint (checkpoints/task_XX_<name>.ckpt)"
+        raise FileNotFoundError(msg)
+    return max(found)[1]

@@ -11,7 +11,8 @@ For each task ``t`` of the stream:
 4. write ``task_<t>.ckpt`` atomically and the results files.
 
 A checkpoint is written only after its task fully finished, so ``--resume`` continues at
-the next task; the run is marked complete only at the very end.
+the next task; the run is marked complete only at the very end. ``--resume`` with a task list that
+starts with the run's tasks adds the new ones (a finished run learns more products).
 """
 
 from __future__ import annotations
@@ -27,18 +28,19 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from anomalib_moleflow.callbacks import OrthogonalGradientProjection, StopOnRequest
+from anomalib_moleflow.callbacks import GatherTrainingFeatures, OrthogonalGradientProjection, StopOnRequest
 from anomalib_moleflow.io import CheckpointError, remove_stale_temporaries
 from anomalib_moleflow.models.moleflow import MoLEFlow, MoLEFlowConfig
 from anomalib_moleflow.models.moleflow.checkpoint_format import model_checkpoint
 from anomalib_moleflow.models.moleflow.numerics import NonFiniteTrainingError, non_finite_tensors
 
+from .console import LoggerKind, check_logger_kind, quiet_training, task_logger
 from .data_check import check_stream_files
-from .evaluation import evaluate_task
+from .evaluation import evaluate_task, task_thresholds
 from .interruption import RunInterrupted, StopRequest
 from .progress import task_progress
 from .results_tables import ContinualResults
-from .run_checkpoint import RunState, load_run_checkpoint, save_run_checkpoint
+from .run_checkpoint import RunState, extended_results, load_run_checkpoint, save_run_checkpoint
 from .run_lock import RunLock
 from .task_stream import TaskStream
 
@@ -56,6 +58,9 @@ class TrainerOptions:
     pixel AUROC from 0.895 to 0.947 (tuning record in the model README)."""
     accelerator: str = "cpu"
     devices: int = 1
+    strategy: str = "auto"
+    """Lightning strategy; ``ddp`` with ``devices: 2`` trains each task in two processes (``gloo`` on
+    a CPU), each on half of every epoch's images, the statistics fitted on all of them."""
     enable_progress_bar: bool = False
     limit_train_batches: float | int = 1.0
     deterministic: bool = False
@@ -89,6 +94,14 @@ class RunOptions:
     resume_force: bool = False
     """Resume even when the run's seed, epochs, batch sizes, data root or split seed changed (recorded in
     the results as ``resume_forced``)."""
+    only_task: int | None = None
+    """Train only this task's expert, from ``base``, into ``output_dir/expert_XX_<name>.ckpt`` (experts
+    trained apart; ``anomalib-moleflow merge`` assembles them)."""
+    base: str | None = None
+    """With ``only_task``: the base run (folder or task checkpoint) whose tasks start the stream."""
+    logger: LoggerKind = "csv"
+    """Per-epoch loss parts of each task: ``csv`` (``<output_dir>/logs/task_<t>_<name>/metrics.csv``),
+    ``tensorboard`` (that CSV and TensorBoard event files; needs ``tensorboard``) or ``none``."""
     extra_callbacks: list[Any] = field(default_factory=list)
 
 
@@ -118,6 +131,7 @@ class ContinualRunner:
         self.stream = stream
         self.trainer_options = trainer or TrainerOptions()
         self.run_options = run or RunOptions()
+        check_logger_kind(self.run_options.logger)
         self.output_dir = Path(self.run_options.output_dir)
         self.model: MoLEFlow | None = None
         self.results = ContinualResults(stream.names)
@@ -161,8 +175,11 @@ class ContinualRunner:
         others = sorted((self.output_dir / "checkpoints").glob("task_*.ckpt"))
         return others[-1] if others else None
 
-    def _restore(self, path: Path) -> None:
-        checkpoint, state = load_run_checkpoint(path, expected_tasks=self.stream.names)
+    def compatible_checkpoint(self, path: Path) -> tuple[dict[str, Any], RunState, MoLEFlow, list[str]]:
+        """Load ``path`` and check that this run may continue from it (its tasks start this stream,
+        same model config, same settings unless ``resume_force``): the checkpoint, its run state,
+        its model and the settings that changed."""
+        checkpoint, state = load_run_checkpoint(path, expected_tasks=self.stream.names, allow_more_tasks=True)
         model = MoLEFlow.from_checkpoint(path, evaluator=False, visualizer=False)
         if model.config != self.model_config:
             msg = f"Checkpoint '{path}' was trained with another MoLE-Flow configuration; resume with the same config"
@@ -174,18 +191,23 @@ class ContinualRunner:
                 "same settings, or pass --resume-force true to continue anyway (recorded in the results)"
             )
             raise CheckpointError(msg)
-        self.model = model
-        self.results = ContinualResults.from_dict(checkpoint["results"])
+        return checkpoint, state, model, changed
+
+    def _restore(self, path: Path) -> None:
+        """Continue from ``path``; a stream that adds tasks after the run's grows the run."""
+        checkpoint, state, self.model, changed = self.compatible_checkpoint(path)
+        self.results = ContinualResults.from_dict(extended_results(checkpoint["results"], self.stream.names))
         if self.ogp is not None and checkpoint.get("ogp") is not None:
             self.ogp.load_state_dict(checkpoint["ogp"])
         if changed:
             self.results.resume_forced += [f"after task {state.completed_tasks - 1}: {c}" for c in changed]
-        self.run_state = state
-        logger.info("Resumed from %s after %d task(s)", path, state.completed_tasks)
+        self.run_state = state.extended(self.stream.names)
+        added = self.stream.names[len(state.task_names) :]
+        logger.info("Resumed from %s after %d task(s)%s", path, state.completed_tasks, f"; adding {added}" if added else "")
 
     # ----------------------------------------------------------------- one task
     def _callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [StopOnRequest(lambda: self.stop.requested)]
+        callbacks: list[Callback] = [StopOnRequest(lambda: self.stop.requested), GatherTrainingFeatures()]
         if self.ogp is not None:
             callbacks.append(self.ogp)
         return callbacks + list(self.run_options.extra_callbacks)
@@ -193,23 +215,25 @@ class ContinualRunner:
     def train_task(self, task: int) -> float:
         """Add expert ``task`` and train it with a fresh Trainer; returns train seconds."""
         assert self.model is not None
-        seed_everything(self.run_options.seed + task, workers=True)
+        seed_everything(self.run_options.seed + task, workers=True, verbose=False)
         key = self.model.add_task(self.stream.names[task])
         if key != str(task):
             msg = f"expert key {key!r} does not match task index {task}"
             raise RuntimeError(msg)
+        self.model.model.prepare_task_training(key)  # trainable flags now: DDP registers them before the optimizer
         opts = self.trainer_options
         epochs = opts.max_epochs if task == 0 or opts.later_task_epochs is None else opts.later_task_epochs
         trainer = Trainer(
             max_epochs=epochs,
             accelerator=opts.accelerator,
             devices=opts.devices,
+            strategy=opts.strategy,
             enable_progress_bar=opts.enable_progress_bar,
             limit_train_batches=opts.limit_train_batches,
             deterministic=opts.deterministic,
             limit_val_batches=0,
             num_sanity_val_steps=0,
-            logger=False,
+            logger=task_logger(self.output_dir, task, self.stream.names[task], self.run_options.logger),
             enable_checkpointing=False,
             enable_model_summary=False,
             gradient_clip_val=self.model_config.optim.grad_clip,
@@ -245,10 +269,13 @@ class ContinualRunner:
         writer. SIGTERM or SIGINT stops at the next safe point: finished tasks are kept, the task in
         progress is dropped and :class:`RunInterrupted` says how to resume.
         """
+        if ddp_helper_process():  # launched by Lightning's DDP: trains along, rank 0 checks and writes
+            with StopRequest() as self.stop:
+                return self._run(resume)
         self.stream.validate()
         check_stream_files(self.stream)
         _check_writable(self.output_dir)
-        with RunLock(self.output_dir), StopRequest() as self.stop:
+        with RunLock(self.output_dir), StopRequest() as self.stop, quiet_training():
             remove_stale_temporaries(self.output_dir)
             remove_stale_temporaries(self.output_dir / "checkpoints")
             return self._run(resume)
@@ -275,6 +302,7 @@ class ContinualRunner:
             self.results.record_timing(task, train_seconds)
             self._phase(task, "evaluation")  # a stop from here on waits until the task is saved
             self.results.set_inference_ms(self.evaluate_seen(task))
+            self._record_thresholds(task)
             self._phase(task, "checkpoint writing")
             self.run_state.mark_task_done(task)
             if self.run_state.next_task is None:
@@ -294,11 +322,22 @@ class ContinualRunner:
                     f"({', '.join(bad[:3])}){cause}; no checkpoint written"
                 )
                 raise NonFiniteTrainingError(msg)
-            save_run_checkpoint(self.checkpoint_path(task), self.run_state, payload)
-            self.results.write(self.output_dir)
+            if not ddp_helper_process():
+                save_run_checkpoint(self.checkpoint_path(task), self.run_state, payload)
+                self.results.write(self.output_dir)
             if self.stop.requested and self.run_state.next_task is not None:
                 self._stop_if_requested(task + 1, finished=True)
         return self.results
+
+    def _record_thresholds(self, task: int) -> None:
+        """Record task ``task``'s fitted thresholds (and those of earlier tasks a resumed run lacks) and
+        the images that fitted them; a pixel threshold counts as fitted when they had defect masks."""
+        for t in range(task + 1):
+            if t < task and self.stream.names[t] in self.results.thresholds:
+                continue
+            pixel = self.stream.threshold_holdout == 0 and self.results.matrix("pixel_AUROC", "oracle")[t][t] is not None
+            values = task_thresholds(self.model, t, pixel_fitted=pixel)
+            self.results.record_thresholds(t, values, fitted_on=self.stream.threshold_split)
 
     def _phase(self, task: int, what: str) -> None:
         self.stop.phase = f"{what} of task {task} '{self.stream.names[task]}'"
@@ -314,6 +353,11 @@ class ContinualRunner:
         resume = "resume with --resume true" if done else "nothing was saved; start it again"
         msg = f"stopped by {self.stop.signal_name} during {where}: {kept}{dropped}; {resume}"
         raise RunInterrupted(msg, self.stop.signum)
+
+
+def ddp_helper_process() -> bool:
+    """Whether this process is one that Lightning's DDP launched besides rank 0 (``LOCAL_RANK`` > 0)."""
+    return os.environ.get("LOCAL_RANK", "0") not in ("", "0")
 
 
 def _differences(saved: dict[str, Any] | None, current: dict[str, Any], prefix: str = "") -> list[str]:

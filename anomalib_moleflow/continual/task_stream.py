@@ -12,6 +12,11 @@ section of a continual config maps onto :class:`TaskStream`::
       train_batch_size: 16
       eval_batch_size: 16
       num_workers: 2
+      threshold_holdout: 0.1               # optional: fit the thresholds on 10% of the training images
+
+Each task's score thresholds are fitted on its validation split: by default the test set itself
+(anomalib's ``same_as_test``), or with ``threshold_holdout`` a held-out part of its training images,
+which that task then does not train on (:attr:`TaskStream.threshold_split` says which).
 
 Relative paths start from the working directory. :meth:`TaskStream.validate` checks every task.
 """
@@ -29,6 +34,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from anomalib_moleflow.data import MVTecADLocal, check_mvtec_layout
 from anomalib_moleflow.data import mvtec as _mvtec
+from anomalib_moleflow.models.moleflow.task_statistics.thresholds import (
+    NORMAL_SCORE_QUANTILE,
+)
 
 __all__ = ["MVTEC_ALPHABETICAL_ORDER", "MVTEC_ORIGINAL_ORDER", "TaskSpec", "TaskStream"]
 
@@ -175,6 +183,9 @@ class TaskStream:
         eval_batch_size: Test batch size.
         num_workers: ``DataLoader`` worker processes.
         seed: Seed for anomalib's data splits (Folder tasks without ``normal_test_dir``).
+        threshold_holdout: Fraction of each task's training images held out of its training to fit
+            its thresholds (``0``: the thresholds are fitted on the test set). They are normal images
+            only, so the image threshold is a high quantile of their scores (``NORMAL_SCORE_QUANTILE``).
     """
 
     def __init__(
@@ -185,7 +196,11 @@ class TaskStream:
         eval_batch_size: int = 32,
         num_workers: int = 8,
         seed: int | None = None,
+        threshold_holdout: float = 0.0,
     ) -> None:
+        if not 0.0 <= threshold_holdout < 1.0:
+            msg = f"data.threshold_holdout must be in [0, 1) (a fraction of the training images), got {threshold_holdout!r}"
+            raise ValueError(msg)
         if isinstance(tasks, str | Mapping):
             tasks = [tasks]
         self.tasks: list[TaskSpec] = [TaskSpec.from_value(task) for task in tasks]
@@ -194,15 +209,17 @@ class TaskStream:
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.threshold_holdout = float(threshold_holdout)
 
     _SETTINGS = ("root", "train_batch_size", "eval_batch_size", "num_workers", "seed")
+    _OPTIONAL = ("threshold_holdout",)  # written only when set, so runs from before it resume unchanged
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskStream:
         """Build from a config's ``data:`` section (unknown keys raise ``ValueError``)."""
-        unknown = sorted(set(data) - {"tasks", *cls._SETTINGS})
+        unknown = sorted(set(data) - {"tasks", *cls._SETTINGS, *cls._OPTIONAL})
         if unknown:
-            msg = f"Unknown key(s) {unknown} in the data section; allowed: {['tasks', *cls._SETTINGS]}."
+            msg = f"Unknown key(s) {unknown} in the data section; allowed: {['tasks', *cls._SETTINGS, *cls._OPTIONAL]}."
             raise ValueError(msg)
         if "tasks" not in data:
             msg = "The data section needs 'tasks' (a list of MVTec categories or task dicts)."
@@ -211,7 +228,8 @@ class TaskStream:
 
     def to_dict(self) -> dict[str, Any]:
         """Inverse of :meth:`from_dict`."""
-        return {"tasks": [task.to_dict() for task in self.tasks], **{k: getattr(self, k) for k in self._SETTINGS}}
+        optional = {k: getattr(self, k) for k in self._OPTIONAL if getattr(self, k)}
+        return {"tasks": [task.to_dict() for task in self.tasks], **{k: getattr(self, k) for k in self._SETTINGS}, **optional}
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -229,6 +247,16 @@ class TaskStream:
     def names(self) -> list[str]:
         """Task names in training order."""
         return [task.name for task in self.tasks]
+
+    @property
+    def threshold_split(self) -> str:
+        """The images each task's thresholds are fitted on, in words (for the results)."""
+        if self.threshold_holdout > 0:
+            return (
+                f"{self.threshold_holdout:.0%} of the task's training images, held out of its training (normal "
+                f"images only: the image threshold is the {NORMAL_SCORE_QUANTILE:g} quantile of their scores)"
+            )
+        return "the test split (the validation split is the test set): the F1 is measured on the images that fitted it"
 
     def task_root(self, index: int) -> Path:
         """Root folder of task ``index`` (its own ``root`` or the stream's)."""
@@ -284,6 +312,8 @@ class TaskStream:
             "num_workers": self.num_workers,
             "seed": self.seed,
         }
+        if self.threshold_holdout > 0:  # the thresholds' images come out of the training set
+            common |= {"val_split_mode": ValSplitMode.FROM_TRAIN, "val_split_ratio": self.threshold_holdout}
         if task.kind == "mvtec":
             return MVTecADLocal(root=self.task_root(index), category=str(task.category), **common)
         return Folder(
@@ -294,6 +324,5 @@ class TaskStream:
             normal_test_dir=task.normal_test_dir,
             mask_dir=task.mask_dir,
             # Evaluate on the whole test set, as for MVTec (Folder's default moves half of it to validation).
-            val_split_mode=ValSplitMode.SAME_AS_TEST,
-            **common,
+            **({"val_split_mode": ValSplitMode.SAME_AS_TEST} | common),
         )

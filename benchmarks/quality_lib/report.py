@@ -27,6 +27,11 @@ PROTOCOL: tuple[tuple[str, str, str], ...] = (
         "elpv_poly, bottle, transistor (1.0 with each router) and the synthetic look-alike stream of `scale.py`",
     ),
     (
+        "`routing.prototype_metric` auto: Euclidean shortlist for the memory router",
+        "the synthetic look-alike stream of `scale.py` (15 products: routing 0.953 with the Mahalanobis shortlist, 1.000 with the Euclidean one)",
+        "these four products: routing as with the Mahalanobis shortlist (bottle, transistor, elpv_poly 1.000; elpv_mono 0.990) and the distinct synthetic stream (1.000 at 15 products)",
+    ),
+    (
         "`routing.unknown_threshold` 1.5 (off by default; the value to switch it on with)",
         "leave-one-out with bottle and elpv_mono hidden",
         "transistor and elpv_poly hidden",

@@ -8,6 +8,7 @@ benchmarks and notebooks use too.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,7 @@ def run_python(args: list[str] | tuple[str, ...], cwd: Path, timeout: int = 600)
     env["OMP_NUM_THREADS"] = "1"  # parallel test processes must not oversubscribe the cores
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("COLUMNS", "200")
+    env.pop("TQDM_DISABLE", None)  # set by benchmarks/compare.py when a test runs it in-process
     return subprocess.run(  # noqa: S603 - our own interpreter and arguments
         [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -98,3 +100,25 @@ def converted_weights(name: str) -> dict[str, torch.Tensor]:
     from anomalib_moleflow.backbones import offline_weights_path
 
     return torch.load(offline_weights_path(name), map_location="cpu", weights_only=True)
+
+
+ANOMALIB_CLI = ("-c", "from anomalib.cli.cli import main; main()")
+"""What the ``anomalib`` console script runs."""
+
+
+def run_anomalib_cli(args: list[str], cwd: Path) -> str:
+    """``anomalib ARGS`` in a fresh interpreter; its stdout + stderr (the command must succeed)."""
+    completed = run_python([*ANOMALIB_CLI, *args], cwd)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-5000:]
+    return output
+
+
+def printed_metric(output: str, name: str) -> float:
+    """Value of ``name`` in Lightning's test-metrics table (rich or plain)."""
+    for line in output.splitlines():
+        match = re.search(rf"\b{name}\b\s*[│|]?\s*([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))", line)
+        if match:
+            return float(match.group(1))
+    msg = f"{name} not printed; output ends with:\n{output[-3000:]}"
+    raise AssertionError(msg)

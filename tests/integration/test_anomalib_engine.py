@@ -4,7 +4,7 @@
     torch (loaded back with anomalib's ``TorchInferencer``), ONNX and OpenVINO;
 (b) a few real MVTec AD ``bottle`` images copied into ``tmp_path``;
 (c) ``anomalib train`` as a subprocess, with command-line arguments and with
-    ``configs/moleflow.yaml``.
+    the shipped ``moleflow`` config.
 
 Everything uses the tiny model configuration (64 px), so the whole file runs in about a
 minute on two CPU cores. Accuracy is not asserted (two epochs on a dozen images), only that
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,9 +26,10 @@ import torch
 from anomalib.data import ImageBatch
 from anomalib.deploy import TorchInferencer
 from anomalib.engine import Engine
-from helpers import REPO, TINY_CONFIG, differing_keys, quiet_engine, run_python
+from helpers import REPO, TINY_CONFIG, differing_keys, printed_metric, quiet_engine, run_anomalib_cli
 
 from anomalib_moleflow import MoLEFlow, MoLEFlowConfig
+from anomalib_moleflow.configs_catalog import resolve_config
 from anomalib_moleflow.data import MVTecADLocal
 
 REPO_ROOT = REPO
@@ -267,7 +267,6 @@ def test_real_bottle_images(tiny_config: MoLEFlowConfig, tmp_path: Path) -> None
 
 
 # ----------------------------------------------------------------------------- (c) command line
-_CLI = ("-c", "from anomalib.cli.cli import main; main()")  # what the `anomalib` console script runs
 #: :data:`helpers.TINY_CONFIG` as ``--model.config.<group>.<field> VALUE`` arguments.
 _TINY_MODEL_ARGS = tuple(
     arg
@@ -275,23 +274,6 @@ _TINY_MODEL_ARGS = tuple(
     for name, value in values.items()
     for arg in (f"--model.config.{group}.{name}", str(value))
 )
-
-
-def _run_cli(args: list[str], cwd: Path) -> str:
-    completed = run_python([*_CLI, *args], cwd)
-    output = completed.stdout + completed.stderr
-    assert completed.returncode == 0, output[-5000:]
-    return output
-
-
-def _printed_metric(output: str, name: str) -> float:
-    """Value of ``name`` in Lightning's test-metrics table (rich or plain)."""
-    for line in output.splitlines():
-        match = re.search(rf"\b{name}\b\s*[│|]?\s*([-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf))", line)
-        if match:
-            return float(match.group(1))
-    msg = f"{name} not printed; output ends with:\n{output[-3000:]}"
-    raise AssertionError(msg)
 
 
 def _saved_model(results_root: Path) -> MoLEFlow:
@@ -304,7 +286,7 @@ def _saved_model(results_root: Path) -> MoLEFlow:
 
 
 def test_cli_train_with_arguments(widget_root: Path, tmp_path: Path) -> None:
-    output = _run_cli(
+    output = run_anomalib_cli(
         [
             "train",
             "--model", "anomalib_moleflow.MoLEFlow",
@@ -322,7 +304,7 @@ def test_cli_train_with_arguments(widget_root: Path, tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     for name in ("image_AUROC", "pixel_AUROC"):
-        assert math.isfinite(_printed_metric(output, name)), name
+        assert math.isfinite(printed_metric(output, name)), name
     model = _saved_model(tmp_path / "results")
     assert model.config.features.image_size == 64
     assert model.config.flow.n_coupling_blocks == 2
@@ -331,10 +313,10 @@ def test_cli_train_with_arguments(widget_root: Path, tmp_path: Path) -> None:
 
 
 def test_cli_train_with_the_shipped_config(widget_root: Path, tmp_path: Path) -> None:
-    """``configs/moleflow.yaml`` with root, category and epochs overridden (and a tiny model)."""
-    config = REPO_ROOT / "configs" / "moleflow.yaml"
+    """The shipped ``moleflow`` config with root, category and epochs overridden (and a tiny model)."""
+    config = resolve_config("moleflow")
     assert config.is_file()
-    output = _run_cli(
+    output = run_anomalib_cli(
         [
             "train",
             "--config", str(config),
@@ -348,7 +330,7 @@ def test_cli_train_with_the_shipped_config(widget_root: Path, tmp_path: Path) ->
         cwd=tmp_path,
     )
     for name in ("image_AUROC", "pixel_AUROC"):
-        assert math.isfinite(_printed_metric(output, name)), name
+        assert math.isfinite(printed_metric(output, name)), name
     # the metrics must come from normalised scores: a validation pass has to run even when
     # --trainer.max_epochs is lowered below the config's check_val_every_n_epoch
     _assert_post_processor_fitted(_saved_model(tmp_path / "results"))

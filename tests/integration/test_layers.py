@@ -18,6 +18,7 @@ PACKAGE = REPO / "anomalib_moleflow"
 #: Layer of each top-level part of the package (higher imports lower, never the reverse).
 LAYERS: dict[str, int] = {
     "_cli_hook": 0,
+    "configs_catalog": 0,
     "io": 0,
     "backbones": 1,
     "data": 1,

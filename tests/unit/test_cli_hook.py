@@ -21,7 +21,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, run_python
 
 from anomalib_moleflow import _cli_hook
 
@@ -356,17 +356,22 @@ def test_anomalib_cli_finds_model_by_short_name() -> None:
     assert "class_path: anomalib_moleflow.data.MVTecADLocal" in result.stdout
 
 
-def test_config_file_parses() -> None:
-    """configs/moleflow.yaml is valid for `anomalib fit` (class paths work without the hook)."""
+def test_config_file_parses(tmp_path: Path) -> None:
+    """The shipped ``moleflow`` config is valid for `anomalib fit` (class paths work without the hook),
+    found as the README says, outside a clone: ``--config $(anomalib-moleflow configs --path moleflow)``."""
+    found = run_python(["-m", "anomalib_moleflow", "configs", "--path", "moleflow"], cwd=tmp_path)
+    assert found.returncode == 0, found.stderr[-3000:]
+    config = Path(found.stdout.strip())
+    assert config.is_absolute() and config.is_file() and config.parts[-2:] == ("configs", "moleflow.yaml")
     code = (
         "import sys; sys.path.insert(0, {repo!r}); from anomalib.cli.cli import main; "
         "sys.argv[0] = 'anomalib'; sys.exit(main())"
     ).format(repo=str(REPO))
     result = subprocess.run(
-        [sys.executable, "-c", code, "fit", "--config", "configs/moleflow.yaml", "--print_config"],
+        [sys.executable, "-c", code, "fit", "--config", str(config), "--print_config"],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=tmp_path,
         env=_env(),
         timeout=600,
         check=False,

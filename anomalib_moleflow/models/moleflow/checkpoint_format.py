@@ -8,7 +8,8 @@
   level; scores were normalised per task.
 
 :func:`saved_settings` reads how to rebuild the model from any of them;
-``MoLEFlow.from_checkpoint`` is the one loader built on it.
+``MoLEFlow.from_checkpoint`` is the one loader built on it. :func:`lightning_checkpoint` gives
+format 1 the Lightning keys, for anomalib's commands.
 """
 
 from __future__ import annotations
@@ -52,6 +53,22 @@ def saved_settings(checkpoint: dict[str, Any], source: object = "checkpoint") ->
         raise CheckpointError(msg) from exc
     msg = f"'{source}' holds no MoLE-Flow configuration (no hyper_parameters.config or model_config)."
     raise CheckpointError(msg)
+
+
+def lightning_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` in the form Lightning's loader reads (``anomalib test|predict --ckpt_path``):
+    unchanged when it has the Lightning keys; a continual checkpoint of format 1 gets them (its
+    settings as ``hyper_parameters``, and the state of the post-processor of per-task normalised
+    scores, which format 1 did not store)."""
+    if "pytorch-lightning_version" in checkpoint or not isinstance(checkpoint.get("model_config"), dict):
+        return checkpoint
+    from .post_processing import normalized_score_post_processor
+
+    settings = saved_settings(checkpoint)
+    state_dict = dict(checkpoint["state_dict"])
+    for name, value in normalized_score_post_processor().state_dict().items():
+        state_dict.setdefault(f"post_processor.{name}", value)
+    return {**checkpoint, **model_checkpoint(state_dict, settings.config, settings.normalize_scores)}
 
 
 def model_checkpoint(state_dict: dict[str, Any], config: MoLEFlowConfig, normalize_scores: bool) -> dict[str, Any]:

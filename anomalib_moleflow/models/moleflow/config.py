@@ -26,6 +26,7 @@ the groups hold (``{"lora_rank": 16}``), so every saved config still loads.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -131,6 +132,8 @@ class FlowConfig:
         """Raise ``ValueError`` naming the field when a value cannot work."""
         _at_least_one("flow", self, ("n_coupling_blocks", "context_kernel", "spatial_mixer_kernel"))
         _odd("flow", self, ("context_kernel", "spatial_mixer_kernel"))
+        if self.use_context_gate and not self.use_context:
+            _fail("flow.use_context_gate", "go with flow.use_context=True (the Baseline 2.0 gate scales the context branch)", True)
 
 
 @dataclass
@@ -275,6 +278,12 @@ class OptimConfig:
     warmup_epochs: int = 0
 
 
+MS_CONTEXT_DROPPED = (
+    "MoLEFlowConfig: flow.use_ms_context=True with experts.input_adapter='whitening' trains unstably (notes V3-2), "
+    "so the multi-scale context is dropped; use input_adapter 'film' or 'none' to keep it"
+)
+"""Warning of the one combination resolved rather than rejected, as the notes' ``AblationConfig`` resolves it."""
+
 _GROUPS: dict[str, type] = {
     "features": FeatureConfig,
     "flow": FlowConfig,
@@ -337,6 +346,8 @@ class MoLEFlowConfig:
                 f"{self.scoring.patch_memory_size}; raise it, lower router_memory_size, or choose another router"
             )
             raise ValueError(msg)
+        if self.flow.use_ms_context and self.experts.input_adapter == "whitening":
+            warnings.warn(MS_CONTEXT_DROPPED, UserWarning, stacklevel=2)
 
     @property
     def effective_ms_context(self) -> bool:

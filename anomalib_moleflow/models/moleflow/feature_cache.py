@@ -53,6 +53,18 @@ class FeatureCache:
             self._features[path] = feat.detach().cpu()
         return features
 
+    def training_items(self) -> list[tuple[str, torch.Tensor]]:
+        """``(path, features)`` of this fit's cached training images, in first-seen order."""
+        return [(p, self._features[p]) for p in self._train_paths if p in self._features]
+
+    def replace_training(self, items: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Make ``items`` (``(path, features)``, in order) this fit's training images, e.g. every
+        process's share under DDP."""
+        self._train_paths.clear()
+        for path, features in items:
+            self._features[str(path)] = features.detach().cpu()
+            self._train_paths[str(path)] = None
+
     def training_chunks(self, device: torch.device, chunk: int = 32, max_images: int | None = None) -> Iterator[torch.Tensor]:
         """Cached training features in first-seen order, ``chunk`` images at a time."""
         paths = list(self._train_paths)[:max_images]

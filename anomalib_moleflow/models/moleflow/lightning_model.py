@@ -18,18 +18,22 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_moleflow.io import safe_torch_load, verify_digest
 
-from .checkpoint_format import saved_settings
+from .checkpoint_format import lightning_checkpoint, saved_settings
 from .config import MoLEFlowConfig
 from .feature_cache import FeatureCache
 from .inference_batch import RoutedInferenceBatch
 from .loss import MoLEFlowLoss
 from .numerics import NonFiniteSteps
-from .post_processing import normalized_score_post_processor
+from .post_processing import (
+    NormalizedScorePostProcessor,
+    normalized_score_post_processor,
+)
 from .pre_processing import moleflow_pre_processor, prepare_batch
 from .torch_model import MoLEFlowModel
 
@@ -83,7 +87,8 @@ class MoLEFlow(AnomalibModule):
             config = MoLEFlowConfig.from_dict(config)
         config = config or MoLEFlowConfig()
         self.normalize_scores = normalize_scores  # read by configure_post_processor during super().__init__
-        if pre_processor is True:
+        default_pre_processor = pre_processor is True
+        if default_pre_processor:
             pre_processor = self.configure_moleflow_pre_processor(config)
         super().__init__(
             pre_processor=pre_processor,
@@ -97,6 +102,8 @@ class MoLEFlow(AnomalibModule):
         self.loss = self._build_loss(config)
         self.feature_cache = FeatureCache()
         self.non_finite_steps = NonFiniteSteps()
+        self._default_pre_processor = default_pre_processor
+        """Whether the pre-processor is the one built from the config (rebuilt with it on loading)."""
 
     @staticmethod
     def _build_loss(config: MoLEFlowConfig) -> MoLEFlowLoss:
@@ -128,10 +135,14 @@ class MoLEFlow(AnomalibModule):
         return self.model.add_task(name)
 
     def setup(self, stage: str) -> None:
-        """Single-task use: create the first expert when none exists yet."""
+        """Single-task use: create the first expert when none exists yet. Inside a trainer,
+        checkpoints load through :class:`ContinualCheckpointIO` (``--ckpt_path`` of any format)."""
         del stage
         if self.model.num_tasks == 0:
             self.add_task()
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is not None and not isinstance(strategy.checkpoint_io, ContinualCheckpointIO):
+            strategy.checkpoint_io = ContinualCheckpointIO(strategy.checkpoint_io)
 
     def on_fit_start(self) -> None:
         """Features are cached per task: start each fit with an empty cache (and no skipped steps)."""
@@ -315,7 +326,35 @@ class MoLEFlow(AnomalibModule):
         """Trained on normal images only."""
         return LearningType.ONE_CLASS
 
+    # ----------------------------------------------------------------- export
+    def to_onnx(
+        self, export_root: Path | str, model_file_name: str = "model", input_size: tuple[int, int] | None = None, **kwargs: Any
+    ) -> Path:
+        """One ONNX graph for the whole model (:mod:`.export`): antialiased resize, router, every
+        expert, per-product normalisation and thresholds; outputs anomalib's four and ``pred_task``,
+        product names in the metadata. ``anomalib export`` and ``to_openvino`` use it."""
+        from anomalib.deploy.export import ExportType
+        from anomalib.models.components.base.export_mixin.utils import (
+            create_export_root,
+        )
+
+        from .export import export_onnx
+
+        path = create_export_root(export_root, ExportType.ONNX) / f"{model_file_name}.onnx"
+        return export_onnx(self, path, tuple(input_size) if input_size is not None else None, **kwargs)
+
     # ----------------------------------------------------------------- checkpoints
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> MoLEFlow:  # noqa: ANN401
+        """Lightning's loader (``anomalib export --ckpt_path``); a continual checkpoint of format 1,
+        which has no Lightning keys, loads through :meth:`from_checkpoint`."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except KeyError as exc:
+            if exc.args != ("pytorch-lightning_version",):
+                raise
+            return cls.from_checkpoint(checkpoint_path)
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, **components: Any) -> MoLEFlow:  # noqa: ANN401
         """The one loader: a MoLE-Flow model, in eval mode, from any checkpoint the project writes
@@ -343,15 +382,17 @@ class MoLEFlow(AnomalibModule):
         return model.eval()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Take the checkpoint's model settings (``anomalib ... --ckpt_path`` builds the module from
-        the command line first); the experts are created when the state dict loads."""
-        super().on_load_checkpoint(checkpoint)
+        """Take the checkpoint's model settings (``anomalib test|predict|export --ckpt_path`` builds
+        the module from the command line first, and attaches its pre- and post-processor as
+        callbacks before loading); the experts are created when the state dict loads."""
         settings = saved_settings(checkpoint)
         if settings.config != self.config or settings.normalize_scores != self.normalize_scores:
             self._rebuild(settings.config, settings.normalize_scores)
+        super().on_load_checkpoint(checkpoint)  # a pre-processor saved by anomalib wins over the config's
 
     def _rebuild(self, config: MoLEFlowConfig, normalize_scores: bool) -> None:
-        """Replace the torch model and loss by ones built from ``config``."""
+        """Replace the torch model and loss by ones built from ``config``; the default pre-processor
+        and post-processor follow it in place (Lightning may hold them as callbacks already)."""
         self.config = config
         self.normalize_scores = normalize_scores
         self.hparams["config"] = config.to_dict()
@@ -359,6 +400,43 @@ class MoLEFlow(AnomalibModule):
         self.model = MoLEFlowModel(config, normalize_scores=normalize_scores)
         self.loss = self._build_loss(config)
         self.feature_cache.clear()
+        if getattr(self, "_default_pre_processor", False) and isinstance(self.pre_processor, PreProcessor):
+            built = self.configure_moleflow_pre_processor(config)
+            self.pre_processor.transform, self.pre_processor.export_transform = built.transform, built.export_transform
+            # anomalib's image datamodules copied the old transform's resize into their datasets at setup
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            update = getattr(datamodule, "_update_augmentations", None)
+            if callable(update):
+                update()
+        if type(self.post_processor) is PostProcessor and normalize_scores:
+            # same state, fixed during validation; the loaded state dict sets its values
+            self.post_processor.__class__ = NormalizedScorePostProcessor
+        elif isinstance(self.post_processor, NormalizedScorePostProcessor) and not normalize_scores:
+            self.post_processor.__class__ = PostProcessor
+
+
+class ContinualCheckpointIO(CheckpointIO):
+    """The trainer's checkpoint IO, with continual checkpoints of format 1 given the Lightning keys
+    on loading (:func:`~.checkpoint_format.lightning_checkpoint`); saving is unchanged."""
+
+    def __init__(self, inner: CheckpointIO) -> None:
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:  # noqa: ANN401
+        """As the wrapped IO."""
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:  # noqa: ANN401
+        """The wrapped IO's checkpoint, in the form Lightning reads."""
+        return lightning_checkpoint(self.inner.load_checkpoint(path, *args, **kwargs))
+
+    def remove_checkpoint(self, path: Any) -> None:  # noqa: ANN401
+        """As the wrapped IO."""
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        """As the wrapped IO."""
+        self.inner.teardown()
 
 
 def _first_loader(loaders: Any) -> Any:  # noqa: ANN401 - a DataLoader or a collection of them

@@ -3,24 +3,49 @@ batches turned into model inputs and masks the way training and evaluation see t
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 from anomalib.pre_processing import PreProcessor
+from anomalib.pre_processing.utils.transform import convert_center_crop_transform
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
-from torchvision.transforms.v2 import Compose, Normalize, Resize
+from torchvision.transforms.v2 import Compose, Normalize, Resize, Transform
 
 from anomalib_moleflow.backbones import backbone_normalization
 
 from .config import MoLEFlowConfig
 
-__all__ = ["moleflow_pre_processor", "prepare_batch"]
+__all__ = ["AntialiasedPreProcessor", "moleflow_pre_processor", "prepare_batch"]
+
+
+def _exportable(transform: Transform | None) -> Transform | None:
+    """anomalib's exportable form of ``transform`` with its antialiasing kept."""
+    return convert_center_crop_transform(copy.deepcopy(transform)) if transform is not None else None
+
+
+class AntialiasedPreProcessor(PreProcessor):
+    """anomalib's pre-processor whose inference transform (``forward``, used by ``MoLEFlow.forward``
+    and anomalib's inferencers) keeps the antialiased resize of training: anomalib turns the
+    antialiasing off there for export, which moved scores away from the thresholds fitted in
+    training. MoLE-Flow's own export resizes with antialiasing in the graph (:mod:`.export`)."""
+
+    def __init__(self, transform: Transform | None = None) -> None:
+        super().__init__(transform=transform)
+        self.export_transform = _exportable(self.transform)
+
+    def load_checkpoint_config(self, config: dict[str, Any]) -> None:
+        """Restore the saved transform as anomalib does, keeping its antialiasing for inference."""
+        super().load_checkpoint_config(config)
+        self.export_transform = _exportable(self.transform)
 
 
 def moleflow_pre_processor(config: MoLEFlowConfig) -> PreProcessor:
     """Resize (antialiased) to the configured image size and normalise with the backbone's statistics."""
     mean, std = backbone_normalization(config.features.backbone)
     size = (config.features.image_size, config.features.image_size)
-    return PreProcessor(transform=Compose([Resize(size, antialias=True), Normalize(mean=list(mean), std=list(std))]))
+    return AntialiasedPreProcessor(transform=Compose([Resize(size, antialias=True), Normalize(mean=list(mean), std=list(std))]))
 
 
 def prepare_batch(

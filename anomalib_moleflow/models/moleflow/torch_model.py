@@ -35,6 +35,7 @@ from .gaussian import pool_features
 from .inference_batch import RoutedInferenceBatch
 from .loss import patch_nll
 from .routing import UNKNOWN, TaskRouter
+from .stacked_experts import StackedExperts
 from .state_dict_migration import migrate_legacy_keys, task_keys_in
 from .task_statistics import GlobalScoreFusion, PatchMemory, PositionGaussian, TaskThresholds
 
@@ -108,6 +109,10 @@ class MoLEFlowModel(nn.Module):
         """The expert that trains (and scores, while routing is off)."""
         self._normalize = normalize_scores
         self._oracle_key: str | None = None
+        self.stacked_routing = False
+        """Score routed batches in one pass over experts stacked along a task axis
+        (:class:`~.stacked_experts.StackedExperts`, rebuilt when a weight or statistic changes) instead
+        of one pass per expert present; equal to float rounding."""
 
     # ----------------------------------------------------------------- task experts
     @property
@@ -375,6 +380,9 @@ class MoLEFlowModel(nn.Module):
             pred_score, anomaly_map = self._scored(features, key)
             index = torch.full((features.shape[0],), self.task_keys.index(key), dtype=torch.long, device=features.device)
             return RoutedInferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map, pred_task=index)
+        if getattr(self, "stacked_routing", False):  # absent from models pickled before it existed
+            pred_score, anomaly_map, route = self.stacked_experts().predict(self, features, self._normalize)
+            return RoutedInferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map, pred_task=route)
         route = self.route(features)
         # An image of no known product is flagged as fully anomalous rather than scored.
         unknown = 1.0 if self._normalize else float("inf")
@@ -395,6 +403,23 @@ class MoLEFlowModel(nn.Module):
         if self.training:
             return self.flow_forward(features)
         return self.predict_features(features)
+
+    def stacked_experts(self) -> StackedExperts:
+        """Every expert and per-task statistic along a task axis (built once, and again after a
+        weight, statistic or the set of experts changes); not part of the state dict."""
+        tensors = (t for name, t in (*self.named_parameters(), *self.named_buffers()) if not name.startswith("feature_extractor."))
+        fitted = tuple(frozenset(s._fitted_keys) for s in self.task_statistics)
+        stamp = (tuple(self.task_keys), fitted, tuple((t.data_ptr(), t._version) for t in tensors))
+        cached = self.__dict__.get("_stacked_cache")
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, StackedExperts(self))
+            object.__setattr__(self, "_stacked_cache", cached)  # a plain attribute, not a submodule
+        return cached[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the stacked copy of the experts (rebuilt on use)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_stacked_cache"}
 
     # ----------------------------------------------------------------- checkpoints
     def get_extra_state(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from anomalib_moleflow.data.synthetic import make_stream
 from anomalib_moleflow.models.moleflow import MoLEFlow, MoLEFlowConfig
 
 TASKS = ["red_stripes", "blue_checker"]
-CONFIGS = REPO / "configs" / "continual"
+CONFIGS = REPO / "anomalib_moleflow" / "configs" / "continual"
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -66,16 +66,21 @@ def test_bad_data_root_is_a_one_line_error(tmp_path: Path, capsys: pytest.Captur
 
 def test_format_summary_of_a_partial_run() -> None:
     results = ContinualResults(["a", "b"])
-    results.record(0, 0, {"image_AUROC": 0.875, "pixel_AUROC": 0.5})
+    results.record(0, 0, {"image_AUROC": 0.875, "pixel_AUROC": 0.5, "image_F1": 0.8})
     results.record_routing(0, 0, 1.0)
     results.record_timing("a", 2.5)
+    results.record_thresholds("a", {"image_threshold": 12.25, "image_threshold_normalized": 0.5}, fitted_on="the test split")
     lines = format_summary(results.to_dict()).splitlines()
-    assert lines[0].split() == ["task", "image_AUROC", "pixel_AUROC", "pixel_AP", "routing_accuracy"]
-    assert lines[1].split() == ["a", "0.8750", "0.5000", "-", "1.0000"]
-    assert lines[2].split() == ["b", "-", "-", "-", "-"]  # not trained yet
-    assert lines[3].split() == ["mean", "0.8750", "0.5000", "-", "1.0000"]
-    assert lines[4].split() == ["forgetting", "0.0000", "0.0000", "0.0000"]  # one task so far: nothing forgotten
+    assert lines[0].split() == ["task", "image_AUROC", "pixel_AUROC", "pixel_AP", "image_F1", "routing_accuracy"]
+    assert lines[1].split() == ["a", "0.8750", "0.5000", "-", "0.8000", "1.0000"]
+    assert lines[2].split() == ["b", "-", "-", "-", "-", "-"]  # not trained yet
+    assert lines[3].split() == ["mean", "0.8750", "0.5000", "-", "0.8000", "1.0000"]
+    assert lines[4].split() == ["forgetting", "0.0000", "0.0000", "0.0000", "0.0000"]  # one task so far: nothing forgotten
     assert lines[5] == 'train seconds per task: {"a": 2.5, "b": null}; inference - ms/image'
+    assert lines[6].split() == ["threshold", "image", "raw", "(normalised)", "pixel", "raw", "(normalised)"]
+    assert lines[7].split() == ["a", "12.2500", "(0.5000)", "-"]  # no pixel threshold fitted
+    assert lines[8] == "thresholds of a fitted on the test split"
+    assert len(lines) == 9
 
 
 def test_continual_run(tmp_path: Path) -> None:

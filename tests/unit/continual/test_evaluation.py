@@ -8,7 +8,7 @@ routing them is trivial.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +16,12 @@ import pytest
 import torch
 from helpers import read_image, task_test_images
 
-from anomalib_moleflow.continual.evaluation import evaluate_task, loader_of_test_split
-from anomalib_moleflow.continual.metrics import image_and_pixel_metrics
+from anomalib_moleflow.continual.evaluation import (
+    evaluate_task,
+    loader_of_test_split,
+    task_thresholds,
+)
+from anomalib_moleflow.continual.metrics import image_and_pixel_metrics, image_f1
 from anomalib_moleflow.continual.runner import build_model
 from anomalib_moleflow.data import MVTecADLocal
 from anomalib_moleflow.data.synthetic import make_stream
@@ -25,7 +29,7 @@ from anomalib_moleflow.models.moleflow import MoLEFlow, MoLEFlowConfig
 from anomalib_moleflow.models.moleflow.gaussian import pool_features
 
 TASKS = ("red_stripes", "blue_checker")
-METRICS = {"image_AUROC", "pixel_AUROC", "pixel_AP"}
+METRICS = {"image_AUROC", "pixel_AUROC", "pixel_AP", "image_F1"}
 
 
 @dataclass
@@ -88,7 +92,25 @@ def _expected(model: MoLEFlow, root: Path, task: int, key: str | None = None) ->
         else:
             with model.model.oracle(key):
                 out = model.model.predict_features(features)
-    return image_and_pixel_metrics(out.pred_score, out.anomaly_map[:, 0], test.labels, test.masks)
+    metrics = image_and_pixel_metrics(out.pred_score, out.anomaly_map[:, 0], test.labels, test.masks)
+    # normalised scores: anomalib's F1 of ``score > 0.5``. The thresholds here are fitted on these very
+    # images, so one score sits on the threshold, where batch-size rounding decides its side: both kept.
+    return metrics | {"image_F1": F1Either(image_f1(out.pred_score, test.labels, t) for t in (0.5 - 1e-5, 0.5 + 1e-5))}
+
+
+class F1Either:
+    """An expected F1 equal to any of ``values`` (compared exactly inside ``pytest.approx`` dicts)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, values: Iterable[float | None]) -> None:
+        self.values = list(values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, float) and any(v is not None and abs(other - v) < 1e-6 for v in self.values)
+
+    def __repr__(self) -> str:
+        return f"one of {self.values}"
 
 
 def test_loader_of_test_split_sets_up_the_datamodule(root: Path) -> None:
@@ -149,3 +171,26 @@ def test_mode_is_restored(model: MoLEFlow, root: Path, training: bool) -> None:
         assert model.training is training
     finally:
         model.eval()
+
+
+def test_image_f1_is_left_out_for_raw_scores(model: MoLEFlow, root: Path) -> None:
+    with model.model.raw_scores():
+        out = evaluate_task(model, _datamodule(root, 0), 0)
+    assert set(out["routed"]) == set(out["oracle"]) == METRICS - {"image_F1"}
+
+
+def test_task_thresholds_raw_and_normalised(model: MoLEFlow) -> None:
+    stored = model.model.thresholds.values("1")
+    values = task_thresholds(model, 1)
+    assert values == {
+        "image_threshold": stored["image_threshold"], "image_threshold_normalized": 0.5,
+        "pixel_threshold": stored["pixel_threshold"], "pixel_threshold_normalized": 0.5,
+    }  # fmt: skip
+    assert task_thresholds(model, 1, pixel_fitted=False)["pixel_threshold"] is None
+    model.model.thresholds.add_task("2")  # an expert whose thresholds are not fitted
+    try:
+        model.model.task_keys.append("2")
+        assert task_thresholds(model, 2) is None
+    finally:
+        model.model.task_keys.remove("2")
+        del model.model.thresholds.tasks["2"]

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from anomalib_moleflow.continual.metrics import image_and_pixel_metrics, unit_range
+from anomalib_moleflow.continual.metrics import (
+    image_and_pixel_metrics,
+    image_f1,
+    unit_range,
+)
 from anomalib_moleflow.models.moleflow.anomaly_map import AnomalyMapGenerator
 
 
@@ -67,3 +71,19 @@ def test_unit_range() -> None:
     assert torch.equal(scaled.argsort(), values.argsort())  # order kept
     constant = unit_range(torch.full((3,), 7.0))
     assert torch.equal(constant, torch.zeros(3, dtype=torch.float64))
+
+
+def test_image_f1_at_the_threshold_matches_scikit_learn() -> None:
+    g = torch.Generator().manual_seed(2)
+    scores = torch.rand(50, generator=g)
+    labels = (torch.rand(50, generator=g) < 0.4).long()
+    expected = f1_score(labels.numpy(), (scores > 0.5).numpy())
+    assert image_f1(scores, labels) == pytest.approx(expected, abs=1e-6)
+    assert 0.0 < expected < 1.0
+    # a score exactly at the threshold is normal (anomalib's post-processor labels scores > threshold)
+    assert image_f1(torch.tensor([0.5, 0.9]), torch.tensor([1, 1])) == pytest.approx(2 / 3)
+    assert image_f1(torch.tensor([0.2, 0.7]), torch.tensor([0, 1]), threshold=0.1) == pytest.approx(2 / 3)
+
+
+def test_image_f1_is_undefined_without_anomalous_images() -> None:
+    assert image_f1(torch.tensor([0.1, 0.9]), torch.tensor([0, 0])) is None

@@ -18,6 +18,7 @@ ROUTED = {
     "image_AUROC": [[0.9], [0.8, 0.95], [0.7, 0.9, 1.0]],
     "pixel_AUROC": [[0.97], [0.96, 0.98], [0.97, 0.98, 0.99]],
     "pixel_AP": [[0.5], [0.6, 0.4], [0.5, 0.45, 0.3]],
+    "image_F1": [[0.8], [0.7, 0.9], [0.6, 0.9, 1.0]],
 }
 ROUTING = [[1.0], [0.98, 1.0], [0.96, 0.99, 1.0]]
 
@@ -40,16 +41,16 @@ def test_hand_made_three_tasks(tmp_path: Path) -> None:
     results = ContinualResults(TASKS)
     _fill(results, range(3))
     data = results.to_dict()
-    assert list(data) == ["tasks", "matrix", "matrix_oracle", "final", "mean", "forgetting", "timing"]
+    assert list(data) == ["tasks", "matrix", "matrix_oracle", "final", "mean", "forgetting", "timing", "thresholds"]
     assert data["tasks"] == TASKS
-    assert set(data["matrix"]) == {"image_AUROC", "pixel_AUROC", "pixel_AP", "routing_accuracy"}
-    assert set(data["matrix_oracle"]) == {"image_AUROC", "pixel_AUROC", "pixel_AP"}
+    assert set(data["matrix"]) == {"image_AUROC", "pixel_AUROC", "pixel_AP", "image_F1", "routing_accuracy"}
+    assert set(data["matrix_oracle"]) == {"image_AUROC", "pixel_AUROC", "pixel_AP", "image_F1"}
     assert data["matrix"]["image_AUROC"] == [[0.9, None, None], [0.8, 0.95, None], [0.7, 0.9, 1.0]]
     assert data["matrix_oracle"]["pixel_AP"] == [[0.5, None, None], [0.5, 0.4, None], [0.5, 0.4, 0.3]]
 
     assert data["final"]["a"] == {
-        "image_AUROC": 0.7, "pixel_AUROC": 0.97, "pixel_AP": 0.5, "routing_accuracy": 0.96,
-        "oracle": {"image_AUROC": 0.9, "pixel_AUROC": 0.97, "pixel_AP": 0.5},
+        "image_AUROC": 0.7, "pixel_AUROC": 0.97, "pixel_AP": 0.5, "image_F1": 0.6, "routing_accuracy": 0.96,
+        "oracle": {"image_AUROC": 0.9, "pixel_AUROC": 0.97, "pixel_AP": 0.5, "image_F1": 0.8},
     }  # fmt: skip
     assert list(data["final"]) == TASKS
     mean = data["mean"]
@@ -61,7 +62,9 @@ def test_hand_made_three_tasks(tmp_path: Path) -> None:
     assert forgetting["image_AUROC"] == pytest.approx(((0.9 - 0.7) + (0.95 - 0.9)) / 2)  # 0.125
     assert forgetting["pixel_AUROC"] == pytest.approx(0.0)
     assert forgetting["pixel_AP"] == pytest.approx(((0.6 - 0.5) + (0.4 - 0.45)) / 2)  # best is after task 1
-    assert forgetting["oracle"] == pytest.approx({"image_AUROC": 0.0, "pixel_AUROC": 0.0, "pixel_AP": 0.0})
+    assert forgetting["image_F1"] == pytest.approx(((0.8 - 0.6) + (0.9 - 0.9)) / 2)
+    assert forgetting["oracle"] == pytest.approx({"image_AUROC": 0.0, "pixel_AUROC": 0.0, "pixel_AP": 0.0, "image_F1": 0.0})
+    assert data["thresholds"] == {}  # none recorded
     assert data["timing"] == {"train_seconds": {"a": 10.0, "b": 20.0, "c": 30.0}, "inference_ms_per_image": 12.5}
 
     paths = results.write(tmp_path / "run")
@@ -76,7 +79,7 @@ def test_hand_made_three_tasks(tmp_path: Path) -> None:
     with paths["csv"].open() as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["after_task", "task", "metric", "mode", "value"]
-    assert len(rows) == 6 * 3 + 6 + 6 * 3  # lower triangle: 3 routed metrics + routing + 3 oracle metrics
+    assert len(rows) == 6 * 4 + 6 + 6 * 4  # lower triangle: 4 routed metrics + routing + 4 oracle metrics
     assert {"after_task": "c", "task": "a", "metric": "image_AUROC", "mode": "routed", "value": "0.7"} in rows
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -133,7 +136,7 @@ def test_resume_round_trip(tmp_path: Path) -> None:
 
 
 def test_metric_names_and_index_errors() -> None:
-    assert METRIC_NAMES == ("image_AUROC", "pixel_AUROC", "pixel_AP")
+    assert METRIC_NAMES == ("image_AUROC", "pixel_AUROC", "pixel_AP", "image_F1")
     results = ContinualResults(TASKS)
     with pytest.raises(IndexError, match=r"task index 3 is outside \[0, 3\)"):
         results.record(3, 0, {"image_AUROC": 0.5})
@@ -156,3 +159,22 @@ def test_write_replaces_earlier_files(tmp_path: Path) -> None:
     paths = results.write(tmp_path)
     assert json.loads(paths["json"].read_text())["final"].keys() == {"a", "b"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["continual_matrix.csv", "continual_matrix.png", "continual_metrics.json"]
+
+
+def test_thresholds_are_kept_per_task_and_survive_resume() -> None:
+    results = ContinualResults(TASKS)
+    fitted = {"image_threshold": 12.5, "image_threshold_normalized": 0.5, "pixel_threshold": None,
+              "pixel_threshold_normalized": None, "image_min": 3.0}  # fmt: skip
+    results.record_thresholds("b", fitted, fitted_on="held-out training images")
+    results.record_thresholds(0, {**fitted, "pixel_threshold": 9.0, "pixel_threshold_normalized": 0.5}, fitted_on="test split")
+    results.record_thresholds("c", None, fitted_on="test split")  # not fitted: left out
+    data = results.to_dict()
+    assert list(data["thresholds"]) == ["a", "b"]  # in task order
+    assert data["thresholds"]["b"] == {
+        "image_threshold": 12.5, "image_threshold_normalized": 0.5, "pixel_threshold": None,
+        "pixel_threshold_normalized": None, "fitted_on": "held-out training images",
+    }  # fmt: skip  (other keys dropped)
+    assert data["thresholds"]["a"]["pixel_threshold"] == 9.0 and data["thresholds"]["a"]["fitted_on"] == "test split"
+    assert ContinualResults.from_dict(json.loads(json.dumps(data))).to_dict() == data
+    with pytest.raises(KeyError, match="unknown task 'z'"):
+        results.record_thresholds("z", fitted, fitted_on="test split")

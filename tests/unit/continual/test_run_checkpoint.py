@@ -15,8 +15,11 @@ from anomalib_moleflow.continual.run_checkpoint import (
     FORMAT_VERSION,
     READABLE_VERSIONS,
     RunState,
+    extended_results,
+    latest_checkpoint,
     load_run_checkpoint,
     save_run_checkpoint,
+    task_list_mismatch,
 )
 from anomalib_moleflow.io import CheckpointError, safe_torch_load
 
@@ -145,3 +148,55 @@ def test_run_state_rules(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="reserved"):
         save_run_checkpoint(good, state, {FORMAT_KEY: 1})
     assert load_run_checkpoint(good)[1].completed_tasks == 1  # the refused saves wrote nothing
+
+
+def test_task_list_mismatch_names_the_first_difference() -> None:
+    assert task_list_mismatch(["a", "b"], ["a", "b"]) is None
+    assert task_list_mismatch(["a", "b"], ["a", "b", "c"], allow_more_tasks=True) is None
+    assert task_list_mismatch(["a", "b"], ["a", "b", "c"]) == "the stream adds task 2 'c'"
+    assert task_list_mismatch(["a", "b"], ["a", "x", "c"], allow_more_tasks=True) == "task 1 is 'b' in the run but 'x' in the stream"
+    assert task_list_mismatch(["a", "b"], ["a"], allow_more_tasks=True) == "the stream ends before the run's task 1 'b'"
+
+
+def test_a_longer_stream_loads_only_when_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "task_01_b.ckpt"
+    save_run_checkpoint(path, RunState(["a", "b"], 2, complete=True), {})
+    _, state = load_run_checkpoint(path, expected_tasks=["a", "b", "c"], allow_more_tasks=True)
+    grown = state.extended(["a", "b", "c"])
+    assert (grown.task_names, grown.completed_tasks, grown.complete, grown.next_task) == (["a", "b", "c"], 2, False, 2)
+    assert state.extended(["a", "b"]).complete  # nothing added: still complete
+    with pytest.raises(CheckpointError, match=r"task_01_b\.ckpt.*the stream adds task 2 'c'"):
+        load_run_checkpoint(path, expected_tasks=["a", "b", "c"])
+    with pytest.raises(CheckpointError, match=r"task 0 is 'a' in the run but 'c'.*new tasks may follow them"):
+        load_run_checkpoint(path, expected_tasks=["c", "a", "b"], allow_more_tasks=True)
+    with pytest.raises(ValueError, match="ends before the run's task 1 'b'"):
+        state.extended(["a"])
+
+
+def test_extended_results_pads_every_matrix() -> None:
+    results = {
+        "tasks": ["a"],
+        "matrix": {"image_AUROC": [[0.5]]},
+        "matrix_oracle": {"image_AUROC": [[0.75]]},
+        "timing": {"train_seconds": {"a": 1.0}},
+    }
+    grown = extended_results(results, ["a", "b", "c"])
+    assert grown["tasks"] == ["a", "b", "c"]
+    assert grown["matrix"]["image_AUROC"] == [[0.5, None, None], [None, None, None], [None, None, None]]
+    assert grown["matrix_oracle"]["image_AUROC"][0] == [0.75, None, None]
+    assert grown["timing"] == results["timing"] and results["tasks"] == ["a"]  # the input is not changed
+    with pytest.raises(ValueError, match="task 0 is 'a' in the run but 'b'"):
+        extended_results(results, ["b"])
+
+
+def test_latest_checkpoint_takes_the_highest_task_index(tmp_path: Path) -> None:
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in ("task_99_i.ckpt", "task_100_j.ckpt", "task_02_c.ckpt"):
+        (folder / name).write_bytes(b"")
+    assert latest_checkpoint(tmp_path / "run") == folder / "task_100_j.ckpt"  # not the last name in sorted order
+    assert latest_checkpoint(folder / "task_02_c.ckpt") == folder / "task_02_c.ckpt"
+    with pytest.raises(FileNotFoundError, match="neither a run folder nor a checkpoint"):
+        latest_checkpoint(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"'.*empty' holds no task checkpoint"):
+        latest_checkpoint((tmp_path / "empty").mkdir() or tmp_path / "empty")

@@ -23,7 +23,7 @@ from anomalib_moleflow.continual.task_stream import (
 from anomalib_moleflow.data import MVTecADLocal
 
 REAL_ROOT = REPO.parent / "shared" / "data" / "mvtec_ad"
-CONFIGS = REPO / "configs" / "continual"
+CONFIGS = REPO / "anomalib_moleflow" / "configs" / "continual"
 
 
 def _png(path: Path, mask: bool = False) -> None:
@@ -194,7 +194,7 @@ def test_valid_folder_task_builds_and_sets_up(tmp_path: Path, mask_suffix: str) 
 
 @pytest.mark.skipif(not (REAL_ROOT / "bottle").is_dir(), reason="real MVTec AD data not available")
 def test_real_config_validates(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(CONFIGS.parents[1])  # relative paths start from the repository root
+    monkeypatch.chdir(REPO)  # relative paths start from the directory the run is started in
     TaskStream.from_dict(yaml.safe_load((CONFIGS / "mvtec_real.yaml").read_text())["data"]).validate()
     stream = TaskStream(list(MVTEC_ORIGINAL_ORDER), root=str(REAL_ROOT))
     with pytest.raises(FileNotFoundError) as info:  # the shared data holds 2 of the 15 categories
@@ -267,3 +267,43 @@ def test_folder_root_and_mask_without_abnormal_dir(tmp_path: Path) -> None:
         TaskStream([task]).validate()
     with pytest.raises(FileNotFoundError, match=rf"abnormal_dir '{re.escape(str(tmp_path / 'nope'))}' does not exist"):
         TaskStream([{**_folder_task(tmp_path), "abnormal_dir": "nope"}]).validate()
+
+
+@pytest.mark.parametrize("kind", ["mvtec", "folder"])
+def test_threshold_holdout_splits_training_images_off(tmp_path: Path, kind: str) -> None:
+    """With ``threshold_holdout`` the validation split (the thresholds' images) is a part of the training
+    images, which training no longer sees; without it, the validation split is the test set."""
+    if kind == "mvtec":
+        for k in range(8):
+            _png(tmp_path / "bottle" / "train" / "good" / f"{k:03d}.png")
+        _mvtec(tmp_path, "bottle")  # adds test images (and 2 more training ones, 000/001 again)
+        task: str | dict = "bottle"
+    else:
+        _folder(tmp_path)
+        for k in range(3, 8):
+            _png(tmp_path / "good" / f"{k:03d}.png")
+        task = {**_folder_task(tmp_path), "normal_test_dir": None}
+    plain = TaskStream([task], root=str(tmp_path), num_workers=0, seed=3)
+    held = TaskStream([task], root=str(tmp_path), num_workers=0, seed=3, threshold_holdout=0.25)
+    default, split = plain.datamodule(0), held.datamodule(0)
+    default.setup()
+    split.setup()
+    assert list(default.val_data.samples.image_path) == list(default.test_data.samples.image_path)
+    train, val = set(split.train_data.samples.image_path), set(split.val_data.samples.image_path)
+    assert len(val) >= 1 and not train & val  # a part of the training images, disjoint from training
+    assert len(val) == (2 if kind == "mvtec" else 1)  # a quarter of 8 (mvtec) or of the 6 left after the test split
+    assert train | val == set(default.train_data.samples.image_path)
+    assert (split.val_data.samples.label_index == 0).all()  # normal images only
+    assert list(split.test_data.samples.image_path) == list(default.test_data.samples.image_path)
+    assert "test split" in plain.threshold_split and "25% of the task's training images" in held.threshold_split
+    assert "0.99 quantile" in held.threshold_split
+
+
+def test_threshold_holdout_in_the_settings() -> None:
+    assert "threshold_holdout" not in TaskStream(["a"]).to_dict()  # unset: the settings of earlier runs
+    held = TaskStream(["a"], threshold_holdout=0.1)
+    assert held.to_dict()["threshold_holdout"] == 0.1
+    assert TaskStream.from_dict(held.to_dict()).threshold_holdout == 0.1
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"data.threshold_holdout must be in \[0, 1\)"):
+            TaskStream(["a"], threshold_holdout=bad)

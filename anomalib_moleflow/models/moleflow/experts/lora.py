@@ -45,6 +45,9 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.task_bias = nn.ParameterDict()
         self.active_adapter: str | None = None
+        self.routed: tuple[torch.Tensor, torch.Tensor] | None = None
+        """Per-image weights ``(B, out, in)`` and biases ``(B, out)`` while a stacked pass routes each
+        image's patches (rows ``B * N``, image-major) through its own expert; ``None`` otherwise."""
         self._merged: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -105,7 +108,13 @@ class LoRALinear(nn.Module):
         return self._merged[1], self._merged[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the base layer plus the active expert's low-rank update and bias."""
+        """Apply the base layer plus the active expert's low-rank update and bias (or each image's
+        own merged expert while :attr:`routed` is set)."""
+        routed = getattr(self, "routed", None)  # absent from models pickled before it existed
+        if routed is not None:
+            weight, bias = routed
+            rows = x.reshape(weight.shape[0], -1, x.shape[-1])
+            return torch.baddbmm(bias[:, None], rows, weight.transpose(1, 2)).reshape(-1, weight.shape[1])
         key = self.active_adapter
         if key is not None and not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
             weight, bias = self.merged_weights(key)

@@ -4,6 +4,10 @@ anomalib's post-processor keeps one set of min/max/threshold values. With severa
 expert's scores live on their own scale, so MoLE-Flow keeps these statistics per task and maps
 every routed score to ``[0, 1]`` with the task's threshold at ``0.5`` (anomalib's own min-max
 formula): ``clip((x - threshold) / (max - min) + 0.5, 0, 1)``.
+
+Thresholds are anomalib's F1-optimal ones on labelled images. When the images hold normal ones
+only (e.g. training images held out for the thresholds), the image threshold is the
+:data:`NORMAL_SCORE_QUANTILE` quantile of their scores, and the pixel threshold the same value.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from torch import nn
 from .base import TaskStatistics
 
 THRESHOLD_NAMES = ("image_min", "image_max", "image_threshold", "pixel_min", "pixel_max", "pixel_threshold")
+NORMAL_SCORE_QUANTILE = 0.99
+"""Quantile of the scores of normal-only images that becomes the threshold (about 1% of such
+images land above it)."""
 
 
 class _TaskThresholds(nn.Module):
@@ -60,13 +67,19 @@ class TaskThresholds(TaskStatistics):
     ) -> dict[str, float]:
         """Fit task ``key`` from its raw scores on labelled images: min and max of the image scores
         ``(N,)`` and maps ``(N, H, W)``, and anomalib's F1-optimal thresholds (the pixel threshold
-        from the masks ``(N, H, W)``, or the image threshold when there are none). Returns the values."""
+        from the masks ``(N, H, W)``, or the image threshold when there are none); with normal images
+        only, the :data:`NORMAL_SCORE_QUANTILE` quantile of their scores. Returns the values."""
         values = {
             "image_min": float(pred_score.min()),
             "image_max": float(pred_score.max()),
             "pixel_min": float(anomaly_map.min()),
             "pixel_max": float(anomaly_map.max()),
         }
+        if not label.any():  # normal images only: no F1 to optimise
+            values["image_threshold"] = float(torch.quantile(pred_score.double(), NORMAL_SCORE_QUANTILE))
+            values["pixel_threshold"] = values["image_threshold"]
+            self.fit(key, **values)
+            return values
         values["image_threshold"] = f1_threshold(pred_score, label, values["image_max"])
         if mask is not None:
             # a subsample of pixels keeps the threshold search cheap

@@ -14,6 +14,7 @@ from anomalib_moleflow.io import CheckpointError
 from anomalib_moleflow.models.moleflow import MoLEFlow, MoLEFlowConfig
 from anomalib_moleflow.models.moleflow.checkpoint_format import (
     SavedSettings,
+    lightning_checkpoint,
     model_checkpoint,
     saved_settings,
 )
@@ -21,7 +22,7 @@ from anomalib_moleflow.models.moleflow.checkpoint_format import (
 FLAT_LEGACY = {"backbone": "tf_efficientnet_lite0", "image_size": 64, "lora_rank": 2, "n_coupling_blocks": 2}
 """A flat config as written before the groups, and before grid pooling, global score and position Gaussian."""
 
-LEGACY_VALUES = {"grid_downsample": 1, "global_score_weight": 0.0, "position_gaussian_weight": 0.0, "patch_memory_size": 0, "router": "prototype"}
+LEGACY_VALUES = {"grid_downsample": 1, "global_score_weight": 0.0, "position_gaussian_weight": 0.0, "patch_memory_size": 0, "router": "prototype", "prototype_metric": "mahalanobis"}
 
 
 def _lightning(config: dict[str, Any] | None, post: bool = False, **hparams: Any) -> dict[str, Any]:  # noqa: ANN401
@@ -112,3 +113,20 @@ def test_model_checkpoint_is_plain_data_lightning_and_from_checkpoint_load(tiny_
     raw = model_checkpoint(module.state_dict(), tiny_config, normalize_scores=False)
     torch.save(raw, path)
     assert MoLEFlow.from_checkpoint(path).normalize_scores is False
+
+
+def test_lightning_checkpoint_gives_format_1_the_lightning_keys(tiny_config: MoLEFlowConfig) -> None:
+    lightning = model_checkpoint({"model.flow.weight": torch.zeros(1)}, tiny_config, normalize_scores=True)
+    assert lightning_checkpoint(lightning) is lightning  # already readable: unchanged
+    other = {"state_dict": {}}
+    assert lightning_checkpoint(other) is other  # not ours: Lightning reports it
+    format_1 = {"anomalib_moleflow_continual": 1, "model_config": FLAT_LEGACY, "task_keys": ["0", "1"],
+                "state_dict": {"model.flow.weight": torch.ones(1)}}  # fmt: skip
+    converted = lightning_checkpoint(format_1)
+    assert "pytorch-lightning_version" in converted and converted["task_keys"] == ["0", "1"]
+    assert converted["hyper_parameters"]["config"] == saved_settings(format_1).config.to_dict()
+    assert converted["hyper_parameters"]["normalize_scores"] is True
+    state = converted["state_dict"]
+    assert torch.equal(state["model.flow.weight"], torch.ones(1))
+    assert float(state["post_processor._image_threshold"]) == 0.5 and float(state["post_processor.image_max"]) == 1.0
+    assert "post_processor.image_min" not in format_1["state_dict"]  # the input is left as it was

@@ -77,3 +77,14 @@ def test_clear_forgets_everything() -> None:
     assert list(cache.training_chunks(torch.device("cpu"))) == []
     cache.get(["a"], _images(1.0), extract)
     assert extract.calls == [1, 1]
+
+
+def test_training_items_and_their_replacement() -> None:
+    cache, extract = FeatureCache(), _Extractor()
+    cache.record_training(["b", "a"])
+    cache.get(["a", "b"], _images(1.0, 2.0), extract)
+    items = cache.training_items()
+    assert [p for p, _ in items] == ["b", "a"] and torch.equal(items[0][1], _images(4.0)[0])
+    cache.replace_training([("c", _images(3.0)[0]), ("a", items[1][1])])  # e.g. every process's share
+    assert cache.holds_all_training and [p for p, _ in cache.training_items()] == ["c", "a"]
+    assert torch.equal(torch.cat(list(cache.training_chunks(torch.device("cpu")))), torch.cat([_images(3.0), _images(2.0)]))

@@ -35,6 +35,7 @@ from anomalib_moleflow import MoLEFlow, MoLEFlowConfig
 from anomalib_moleflow.data import MVTecADLocal
 from anomalib_moleflow.io import CheckpointError
 from anomalib_moleflow.models.moleflow import RoutedInferenceBatch
+from anomalib_moleflow.models.moleflow.checkpoint_format import model_checkpoint
 from anomalib_moleflow.models.moleflow.gaussian import pool_features
 from anomalib_moleflow.models.moleflow.lightning_model import _first_loader, eval_mode
 from anomalib_moleflow.models.moleflow.post_processing import (
@@ -454,6 +455,27 @@ def test_ckpt_path_into_a_module_built_with_another_config(two_tasks: SimpleName
     module.load_state_dict(checkpoint["state_dict"])
     assert module.model.task_names == ["0", "second"]
     assert differing_keys(module.model.state_dict(), two_tasks.model.model.state_dict()) == []
+
+
+def test_ckpt_path_of_a_normalizing_model_rebuilds_the_processors_in_place(two_tasks: SimpleNamespace) -> None:
+    """A continual checkpoint (scores normalised per task) loaded into a module built from the
+    command line: Lightning already holds the pre- and post-processor as callbacks, so the same
+    objects take the checkpoint's image size and the fixed 0.5 thresholds."""
+    checkpoint = model_checkpoint(two_tasks.model.state_dict(), two_tasks.model.config, normalize_scores=True)
+    module = MoLEFlow(config=two_tasks.model.config.updated({"features.image_size": 96}))
+    pre, post = module.pre_processor, module.post_processor
+    assert type(post) is PostProcessor and _transforms(pre)[0].size == [96, 96]
+    module.on_load_checkpoint(checkpoint)
+    assert module.pre_processor is pre and module.post_processor is post
+    assert _transforms(pre)[0].size == [64, 64] and _transforms(pre)[0].antialias
+    assert isinstance(post, NormalizedScorePostProcessor) and module.normalize_scores and module.model.normalizes_scores
+    module.load_state_dict(checkpoint["state_dict"])
+    images = torch.rand(2, 3, 80, 80)
+    reference = MoLEFlow(config=two_tasks.model.config, normalize_scores=True)
+    reference.load_state_dict(checkpoint["state_dict"])
+    with torch.no_grad():
+        got, want = module.eval()(images), reference.eval()(images)
+    assert torch.equal(got.pred_score, want.pred_score) and torch.equal(got.pred_task, want.pred_task)
 
 
 # ----------------------------------------------------------------------------- feature cache

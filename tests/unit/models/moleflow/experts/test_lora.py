@@ -112,3 +112,27 @@ def test_merged_weights_are_cached_per_expert() -> None:
     w1, _ = layer.merged_weights("1")
     assert not torch.equal(w0, w1)
     assert torch.equal(layer.merged_weights("0")[0], w0)  # switching back recomputes the same
+
+
+def test_routed_weights_score_each_images_rows_with_its_own_expert() -> None:
+    torch.manual_seed(0)
+    layer = LoRALinear(6, 4, rank=2)
+    for key in ("0", "1"):
+        layer.add_adapter(key)
+        torch.nn.init.normal_(layer.lora_B[key].weight, std=0.3)
+        torch.nn.init.normal_(layer.task_bias[key], std=0.3)
+    x = torch.randn(3 * 5, 6)  # 3 images of 5 patches, image-major
+    route = torch.tensor([1, 0, 1])
+    merged = {key: layer.merged_weights(key) for key in ("0", "1")}
+    layer.routed = (
+        torch.stack([merged[str(int(t))][0] for t in route]),
+        torch.stack([merged[str(int(t))][1] for t in route]),
+    )
+    with torch.no_grad():
+        got = layer(x)
+        layer.routed = None
+        for image, task in enumerate(route.tolist()):
+            layer.set_adapter(str(task))
+            rows = slice(5 * image, 5 * image + 5)
+            assert torch.allclose(got[rows], layer(x[rows]), atol=1e-6), image
+    assert not torch.allclose(got[:5], got[5:10])  # the experts differ

@@ -14,7 +14,10 @@ from anomalib_moleflow.models.moleflow.task_statistics import (
     TaskStatistics,
     TaskThresholds,
 )
-from anomalib_moleflow.models.moleflow.task_statistics.thresholds import f1_threshold
+from anomalib_moleflow.models.moleflow.task_statistics.thresholds import (
+    NORMAL_SCORE_QUANTILE,
+    f1_threshold,
+)
 
 VALUES = {
     "image_min": 1.0,
@@ -151,9 +154,18 @@ def test_fit_from_scores_without_masks_uses_the_image_threshold() -> None:
     assert (values["pixel_min"], values["pixel_max"]) == (0.0, 15.0)
 
 
-def test_fit_from_scores_of_normal_images_only_thresholds_at_the_maximum() -> None:
+def test_fit_from_scores_of_normal_images_only_thresholds_at_a_high_quantile() -> None:
+    """Held-out normal images: no F1 to optimise; the image threshold is the 0.99 quantile of their
+    scores (between the two largest of 11 here), and the pixel threshold the same value."""
+    assert NORMAL_SCORE_QUANTILE == 0.99
     thresholds = TaskThresholds()
-    maps = torch.arange(8.0).reshape(2, 2, 2)
-    values = thresholds.fit_from_scores("0", torch.tensor([1.0, 2.0]), maps, torch.tensor([0, 0]), torch.zeros(2, 2, 2, dtype=torch.bool))
-    assert values["image_threshold"] == 2.0
-    assert values["pixel_threshold"] == 7.0
+    scores = torch.arange(11.0)  # 0 .. 10
+    maps = torch.arange(11.0 * 4).reshape(11, 2, 2)
+    values = thresholds.fit_from_scores("0", scores, maps, torch.zeros(11, dtype=torch.long), torch.zeros(11, 2, 2, dtype=torch.bool))
+    assert values["image_threshold"] == pytest.approx(9.9)  # 0.99 * 10 (linear interpolation)
+    assert 9.0 < values["image_threshold"] < 10.0  # the largest normal score lies above it
+    assert values["pixel_threshold"] == values["image_threshold"]
+    assert (values["image_min"], values["image_max"]) == (0.0, 10.0)
+    # a normal image at the threshold normalises to 0.5; the largest one above it
+    normalized, _ = thresholds.normalize("0", torch.tensor([9.9, 10.0]), maps[:1])
+    assert normalized[0] == pytest.approx(0.5) and normalized[1] > 0.5

@@ -5,12 +5,19 @@ the phase the run was in). Training stops after its current batch (the
 :class:`~anomalib_moleflow.callbacks.StopOnRequest` callback); the runner then keeps every task
 that finished, discards the one in progress and raises :class:`RunInterrupted`, which the command
 line turns into a non-zero exit code (128 + the signal number, as a shell reports a killed job).
+:func:`protect_workers` keeps a signal sent to the whole process group from killing the
+``DataLoader`` workers under the run's feet.
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
+from functools import partial
 from types import FrameType, TracebackType
+from typing import Any
+
+from torch.utils.data import DataLoader
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -64,3 +71,35 @@ class StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
         self._previous = {}
+
+
+def ignore_stop_signals(worker_id: int, then: Callable[[int], None] | None = None) -> None:
+    """``worker_init_fn`` of a ``DataLoader`` worker: SIGTERM and SIGINT are left to the main process.
+
+    A signal sent to the whole process group (Ctrl-C in a terminal, ``timeout``, Slurm's ``scancel``)
+    reaches the workers too; one that died of it would turn the clean stop of the main process into
+    a "DataLoader worker exited unexpectedly" failure. The main process stops the workers itself.
+    ``then`` is the loader's own ``worker_init_fn``, run afterwards."""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
+
+
+def _protected(make_loader: Callable[[], Any]) -> Callable[[], Any]:
+    def make() -> Any:  # noqa: ANN401 - a DataLoader, or whatever the datamodule returns
+        loader = make_loader()
+        if isinstance(loader, DataLoader) and loader.num_workers > 0:
+            loader.worker_init_fn = partial(ignore_stop_signals, then=loader.worker_init_fn)
+        return loader
+
+    return make
+
+
+def protect_workers(datamodule: Any) -> Any:  # noqa: ANN401 - an anomalib / Lightning datamodule
+    """Make the workers of ``datamodule``'s train, val, test and predict loaders ignore stop signals
+    (:func:`ignore_stop_signals`); returns the same datamodule."""
+    for name in ("train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader"):
+        if hasattr(datamodule, name):
+            setattr(datamodule, name, _protected(getattr(datamodule, name)))
+    return datamodule

@@ -32,6 +32,7 @@ from anomalib.data import AnomalibDataModule, Folder
 from anomalib.data.utils import ValSplitMode
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from anomalib_moleflow.continual.interruption import protect_workers
 from anomalib_moleflow.data import MVTecADLocal, check_mvtec_layout
 from anomalib_moleflow.data import mvtec as _mvtec
 from anomalib_moleflow.models.moleflow.task_statistics.thresholds import (
@@ -315,8 +316,8 @@ class TaskStream:
         if self.threshold_holdout > 0:  # the thresholds' images come out of the training set
             common |= {"val_split_mode": ValSplitMode.FROM_TRAIN, "val_split_ratio": self.threshold_holdout}
         if task.kind == "mvtec":
-            return MVTecADLocal(root=self.task_root(index), category=str(task.category), **common)
-        return Folder(
+            return protect_workers(MVTecADLocal(root=self.task_root(index), category=str(task.category), **common))
+        return protect_workers(Folder(
             name=task.name,
             root=task.root,
             normal_dir=task.normal_dir,
@@ -325,4 +326,4 @@ class TaskStream:
             mask_dir=task.mask_dir,
             # Evaluate on the whole test set, as for MVTec (Folder's default moves half of it to validation).
             **({"val_split_mode": ValSplitMode.SAME_AS_TEST} | common),
-        )
+        ))

@@ -138,14 +138,9 @@ def _score_batch(model: MoLEFlow, images: list[torch.Tensor]) -> list[dict[str, 
         [model.prepare_images(image[None]) for image in images]
     )  # resized one by one
     features = torch_model.extract_features(inputs)
-    if torch_model.routing_active:
-        route = torch_model.route(features)
-    else:
-        route = torch.full(
-            (len(images),),
-            torch_model.task_keys.index(torch_model.active_task),
-            dtype=torch.long,
-        )
+    with torch_model.raw_scores():  # the model's own routed forward, raw; normalised below per expert
+        raw = torch_model.predict_features(features)
+    route = raw.pred_task
     out: list[dict[str, Any]] = [
         {"task": UNKNOWN, "raw": None, "score": None, "map": None} for _ in images
     ]
@@ -154,18 +149,16 @@ def _score_batch(model: MoLEFlow, images: list[torch.Tensor]) -> list[dict[str, 
             continue
         key = torch_model.task_keys[index]
         rows = (route == index).nonzero(as_tuple=True)[0]
-        with torch_model.oracle(key), torch_model.raw_scores():
-            raw = torch_model.predict_features(features[rows])
         fitted = torch_model.thresholds.fitted(key)
         score, amap = (
-            torch_model.thresholds.normalize(key, raw.pred_score, raw.anomaly_map)
+            torch_model.thresholds.normalize(key, raw.pred_score[rows], raw.anomaly_map[rows])
             if fitted
             else (None, None)
         )
         for j, row in enumerate(rows.tolist()):
             out[row] = {
                 "task": index,
-                "raw": float(raw.pred_score[j]),
+                "raw": float(raw.pred_score[row]),
                 "score": float(score[j]) if fitted else None,
                 "map": amap[j, 0].cpu() if fitted else None,
             }

@@ -17,7 +17,9 @@ notes report for that version, with the notes' section; the notes ran other stre
 grid -> transistor, or all 15 MVTec AD classes) with a ViT backbone and their own code, so those
 are context, not a comparison.
 
-Writes ``<results-dir>/ablations.{json,md}`` (default ``benchmarks/results``) with the command. A
+Writes ``<results-dir>/ablations.{json,md}`` (default ``benchmarks/results``) with the command, and
+for the ``baseline_1_5`` / ``baseline_2_0`` runs ``ablations_context_<preset>.png``: their context
+alpha or patch-wise gate per coupling block over the epochs (:mod:`ablation_context`). A
 preset whose run fails is recorded as failed and the others still run; the exit code is then 1.
 """
 
@@ -35,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ablation_context import context_plots
 from reporting import finish_meta, header_line, markdown_table, run_meta, write_results
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +51,8 @@ STREAM_CONFIGS = (
 REPRODUCIBLE_MKL = "AUTO,STRICT"
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AP", "routing_accuracy")
 NOTES_FILE = "../shared/spec/seed-update-notes.en.md"
+CONTEXT_PRESETS = ("baseline_1_5", "baseline_2_0")
+"""Presets whose context branch (alpha, gate) is plotted over the epochs."""
 
 #: What the notes report for each version: (section of the notes, what they report). Copied from the
 #: notes; their streams, backbone (a ViT) and code differ from this package's run.
@@ -152,6 +157,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="epochs of every task (default: the config's 16 + 32)")
     parser.add_argument("--output-dir", default="results/ablations", help="one continual run folder per preset below this")
     parser.add_argument("--results-dir", default=str(RESULTS), help="where ablations.{json,md} go")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other presets' rows of the existing ablations.json (same settings), replace those run now")
     parser.add_argument("extra", nargs="*", help="after --: more arguments for every continual command")
     return parser.parse_args(argv)
 
@@ -196,7 +203,7 @@ def run_preset(args: argparse.Namespace, name: str) -> dict[str, Any]:
     env = dict(os.environ)
     env.setdefault("MKL_CBWR", REPRODUCIBLE_MKL)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)  # noqa: S603 - our interpreter
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
     record: dict[str, Any] = {
         "preset": name,
         "continual_command": shlex.join(["python", *cmd[1:]]),
@@ -251,7 +258,16 @@ def markdown(data: dict[str, Any]) -> str:
     meta = data["meta"]
     tasks = " -> ".join(data["settings"]["tasks"]) if data["settings"].get("tasks") else "the stream config's tasks"
     lines = ["# Ablation presets: every version of the design notes as a configuration", ""]
-    if data.get("pending"):
+    pending = [e["preset"] for e in data["presets"] if e.get("pending")]
+    if pending and not data.get("pending"):
+        lines += [
+            header_line(meta),
+            "",
+            f"**Pending rows** ({', '.join(f'`{p}`' for p in pending)}) have not been run yet: `--merge --only NAME,...` "
+            "adds them to this table. Rows run by earlier commands: "
+            + "; ".join(f"`{c}`" for c in data.get("earlier_commands", [])) + ".",
+        ]
+    elif data.get("pending"):
         lines += [
             "**Real numbers pending**: this file was written with `--plan`, which runs nothing. Our columns fill in "
             "when the command below is run: hours in all on a 2-core CPU (`continual_real.py`, the `default` preset's "
@@ -282,7 +298,33 @@ def markdown(data: dict[str, Any]) -> str:
     header = ["preset", "image AUROC", "pixel AUROC", "pixel AP", "routing acc.", "forgetting", "train s per task",
               "parameters per task", "the notes report"]  # fmt: skip
     lines += markdown_table(header, [_row(entry) for entry in data["presets"]])
+    if data.get("context_plots"):
+        plots = ", ".join(f"`{preset}`: `{name}`" for preset, name in data["context_plots"].items())
+        lines += ["", f"Context branch per coupling block over the epochs (Baseline 1.5's alpha, Baseline 2.0's gate): {plots}."]
     return "\n".join(lines) + "\n"
+
+
+def merged(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (this run's presets) merged into the results at ``path``: the rows of presets run now
+    replace theirs, the others stay, in the earlier order. Both must have the same settings."""
+    if not path.is_file():
+        raise SystemExit(f"--merge: no earlier results at {path}")
+    earlier = json.loads(path.read_text())
+    if earlier.get("settings") != data["settings"]:
+        raise SystemExit(f"--merge: {path} was written with other settings ({earlier.get('settings')}), not {data['settings']}")
+    new = {e["preset"]: e for e in data["presets"]}
+    entries = [new.pop(e["preset"], e) for e in earlier["presets"]] + list(new.values())
+    commands = list(earlier.get("earlier_commands", []))
+    if not earlier.get("pending"):
+        commands.append(earlier["meta"]["command"])
+    return {
+        **data,
+        "pending": all(e.get("pending") for e in entries),
+        "notes_reported": {**earlier.get("notes_reported", {}), **data["notes_reported"]},
+        "presets": entries,
+        "context_plots": {**earlier.get("context_plots", {}), **data["context_plots"]},
+        "earlier_commands": commands,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -312,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]  # fmt: skip
     else:
         entries = [run_preset(args, name) for name in names]
+    finished = {e["preset"]: Path(args.output_dir) / e["preset"] for e in entries if "final" in e and e["preset"] in CONTEXT_PRESETS}
+    plots = context_plots(finished, Path(args.results_dir))
     meta = finish_meta(meta, start)
     data = {
         "benchmark": "ablations",
@@ -320,7 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pending": args.plan,
         "notes_reported": {name: [{"section": sec, "reported": text} for sec, text in NOTES_REPORTED.get(name, [])] for name in names},
         "presets": entries,
+        "context_plots": plots,
     }
+    if args.merge:
+        data = merged(Path(args.results_dir) / "ablations.json", data)
     write_results(Path(args.results_dir), "ablations", data, markdown)
     return 0 if all("error" not in e for e in entries) else 1
 

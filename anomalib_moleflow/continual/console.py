@@ -5,8 +5,10 @@ about the run (device inventory, the cloud-logger tip, eval-mode modules, "no lo
 "max_epochs reached", ...) and timm's note on the classifier weights a feature backbone does not
 use; every other warning still shows. :func:`task_logger` gives the Lightning
 logger of one task, under ``<run>/logs/task_<t>_<name>/``: ``metrics.csv`` with the per-epoch
-loss parts (``train_loss_epoch``, ``train_nll``, ...), and TensorBoard event files as well with
-``run.logger=tensorboard``.
+loss parts (``train_loss_epoch``, ``train_nll``, ...) and, with the subnets' context branch, its
+strength per coupling block (``context_alpha/block_<i>`` and ``alpha_mean`` for the global alpha;
+``gate_{mean,std,min,max}/block_<i>`` and ``gate_mean`` ... ``gate_max`` for the patch-wise gate),
+and TensorBoard event files as well with ``run.logger=tensorboard``.
 """
 
 from __future__ import annotations

@@ -122,3 +122,19 @@ def printed_metric(output: str, name: str) -> float:
             return float(match.group(1))
     msg = f"{name} not printed; output ends with:\n{output[-3000:]}"
     raise AssertionError(msg)
+
+
+def train_task_steps(model: Any, key: str, features: torch.Tensor, steps: int = 3, lr: float = 1e-2) -> None:  # noqa: ANN401 - a MoLEFlowModel
+    """A few AdamW steps of ``model`` (a ``MoLEFlowModel``) on task ``key``'s plain mean NLL, over
+    exactly the parameters ``prepare_task_training`` makes trainable; leaves the model in eval mode."""
+    params = model.prepare_task_training(key)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for step in range(steps):
+        batch = features[step % 2 :: 2] if len(features) > 1 else features
+        z, log_jac_det = model.flow_forward(batch, key)
+        loss = (0.5 * z.square().sum(-1) - log_jac_det).mean() + model.regularization(key)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()

@@ -21,7 +21,7 @@ from anomalib_moleflow.cli import build_parser, continual_parser, main
 from anomalib_moleflow.continual.run_checkpoint import load_run_checkpoint
 from anomalib_moleflow.data.synthetic import make_stream
 from anomalib_moleflow.models.moleflow import MoLEFlowConfig
-from anomalib_moleflow.models.moleflow.config import MS_CONTEXT_DROPPED
+from anomalib_moleflow.models.moleflow.config import MS_CONTEXT_DROPPED, MS_CONTEXT_FORCED
 
 PRESET_DIR = REPO / "anomalib_moleflow" / "configs" / "ablations"
 PRESETS = sorted(PRESET_DIR.glob("*.yaml"))
@@ -37,13 +37,7 @@ REQUIRED = {
 }  # fmt: skip
 
 #: Pieces of a version that are not modules of this package: the preset's header must name them.
-MISSING = {
-    "v1": ["InstanceNorm"],
-    "v2": ["InstanceNorm"],
-    "v4": ["SC-LoRA", "NeighborhoodContextExtractor"],
-    "v4_1": ["neighbourhood-mean", "SC-LoRA"],
-    "v6": ["LightweightPatchAttention"],
-}
+MISSING: dict[str, list[str]] = {}
 
 
 def preset_id(path: Path) -> str:
@@ -116,6 +110,15 @@ def test_preset_file_sets_only_model_and_run_switches_and_says_so(path: Path) ->
         assert set(headings) <= notes_headings, set(headings) - notes_headings
 
 
+def test_v3_all_reruns_the_notes_conflicting_whitening_and_ms_context() -> None:
+    """The notes' "All V3 (conflict)" row ran whitening with the MS context; v3_all keeps both."""
+    data = yaml.safe_load((PRESET_DIR / "v3_all.yaml").read_text(encoding="utf-8"))
+    with pytest.warns(UserWarning) as caught:
+        cfg = MoLEFlowConfig.from_dict(data["model"]["config"])
+    assert [str(w.message) for w in caught] == [MS_CONTEXT_FORCED]
+    assert cfg.experts.input_adapter == "whitening" and cfg.effective_ms_context
+
+
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A two-product synthetic stream and a stream config for it: (config, work folder)."""
@@ -146,8 +149,11 @@ def test_preset_parses_through_the_continual_parser(path: Path, stream: tuple[Pa
         assert getattr(init.run, key) == value
     assert init.data.names == TASKS and init.trainer.max_epochs == 16  # the stream config's, untouched
     dropped = [w for w in caught if str(w.message) == MS_CONTEXT_DROPPED]
+    forced = [w for w in caught if str(w.message) == MS_CONTEXT_FORCED]
     model = init.model.config
-    assert bool(dropped) == (model.flow.use_ms_context and model.experts.input_adapter == "whitening")
+    conflict = model.flow.use_ms_context and model.experts.input_adapter == "whitening"
+    assert bool(dropped) == (conflict and not model.flow.force_ms_context)
+    assert bool(forced) == (conflict and model.flow.force_ms_context)
     assert model.effective_ms_context == (model.flow.use_ms_context and not dropped)
 
 

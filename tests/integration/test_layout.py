@@ -1,5 +1,6 @@
 """tests/ mirrors the package: every module ``anomalib_moleflow/<path>/<name>.py`` has its test file
-``tests/unit/<path>/test_<name>.py`` (``__init__`` and ``__main__`` files aside)."""
+``tests/unit/<path>/test_<name>.py`` (``__init__`` and ``__main__`` files aside); a module's tests
+may be split by topic into ``test_<name>_<topic>.py`` beside it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def test_no_test_file_without_its_module() -> None:
     for test in sorted(UNIT.rglob("test_*.py")):
         relative = test.relative_to(UNIT)
         stem = test.stem[len("test_") :]
-        candidates = [PACKAGE / relative.parent / f"{stem}.py", PACKAGE / relative.parent / f"_{stem}.py"]
+        prefixes = ["_".join(stem.split("_")[:n]) for n in range(1, stem.count("_") + 2)]  # name, or name_topic
+        candidates = [PACKAGE / relative.parent / f"{p}{s}.py" for s in prefixes for p in ("", "_")]
         if not any(c.is_file() for c in candidates):
             orphans.append(str(test.relative_to(REPO)))
     assert orphans == [], "unit test files whose module does not exist:\n" + "\n".join(orphans)

@@ -31,10 +31,17 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-InputAdapterKind = Literal["whitening", "film", "none"]
+from .training_stages import TRAINING_STAGES, TrainingStages
+
+InputAdapterKind = Literal["whitening", "film", "instance_norm_mlp", "none"]
+INPUT_ADAPTERS: tuple[str, ...] = ("whitening", "film", "instance_norm_mlp", "none")
+MSContextKind = Literal["shared", "task_conditioned"]
 LoRAScaling = Literal["alpha/rank", "alpha/(2*rank)"]
+LoRAKind = Literal["standard", "spatial_contextual"]
 RouterKind = Literal["memory", "prototype", "hybrid", "none"]
 PrototypeMetric = Literal["auto", "mahalanobis", "euclidean"]
+ImageScore = Literal["top_k_mean", "max", "p99"]
+IMAGE_SCORES: tuple[str, ...] = ("top_k_mean", "max", "p99")
 
 
 def _fail(name: str, requirement: str, value: object) -> None:
@@ -111,17 +118,48 @@ class FlowConfig:
     use_context_gate: bool = False
     """Baseline 2.0 patch-wise gate instead of the global alpha."""
     context_gate_hidden: int = 64
+    use_cpcf: bool = False
+    """Lower-case v4 Cross-Patch Coupling Flow: the context branch (``use_context``, its extractor
+    sized by ``context_kernel``, the notes' ``--cpcf_context_kernel``) feeds both the scale and the
+    translation branch of every coupling, unscaled (no alpha, no gate); see
+    :mod:`~.flow.cross_patch_coupling`."""
+    cpcf_use_attention: bool = False
+    """CPCF's ``--cpcf_use_attention``: the context is a learned attention over each patch's
+    ``context_kernel`` neighbourhood instead of the depthwise conv."""
     use_spatial_mixer: bool = True
     """Shared ``SpatialMixer`` before the flow (V3/V4)."""
     spatial_mixer_kernel: int = 3
     use_ms_context: bool = False
-    """V3-2 ``LightweightMSContext`` before the flow (dropped together with the whitening adapter)."""
+    """V3-2 ``LightweightMSContext`` before the flow (dropped together with the whitening adapter
+    unless ``force_ms_context``)."""
+    force_ms_context: bool = False
+    """Keep the MS context with ``experts.input_adapter='whitening'`` instead of dropping it: the
+    notes' "WhiteningAdapter + MS-Context Conflict", the combination of their "All V3 (conflict)"
+    row (mean image 0.4471, training collapsed). Only for reproducing that row; requires
+    ``use_ms_context`` and changes nothing with another input adapter (nothing is dropped then)."""
     ms_context_dilations: tuple[int, ...] = (1, 2, 4)
+    ms_context_kind: MSContextKind = "shared"
+    """``shared``: one ``LightweightMSContext`` for all tasks; ``task_conditioned``: V3's
+    ``TaskConditionedMSContext`` (the notes' ``use_task_conditioned_ms_context``), shared dilated
+    convs with each task's own conditioning of the context, an expert part."""
+    use_neighborhood_context: bool = False
+    """Lower-case v4.1: the subnets' context branch is the fixed neighbourhood mean
+    ``(1 - g) x + g * mean_k(x)`` (no trainable parameter) instead of a learned depthwise conv."""
+    neighborhood_gate: float = 0.3
+    """v4.1's fixed gate ``g`` of the neighbourhood mean."""
+    neighborhood_kernel: int = 3
+    """v4.1's neighbourhood size ``k`` (odd)."""
+    use_patch_attention: bool = False
+    """v6 ``LightweightPatchAttention`` before the flow: shared, in the mixer group (trained on task 0,
+    frozen after with ``freeze_mixer_after_task0``)."""
+    patch_attention_hidden: int = 256
+    patch_attention_dropout: float = 0.1
     freeze_base_after_task0: bool = True
     """The coupling blocks train on task 0 only (every version); ``False`` is the sequential
     fine-tuning baseline the public code reports as collapsing."""
     freeze_mixer_after_task0: bool = True
-    """V4: spatial mixer / MS context frozen after task 0 (V3 trained them on every task)."""
+    """V4: spatial mixer / MS context (its shared convs) / patch attention frozen after task 0 (V3
+    trained them on every task)."""
     freeze_context_after_task0: bool = True
     """V4.1: the subnets' context convs and alphas frozen after task 0 (V4 kept training them)."""
 
@@ -132,8 +170,32 @@ class FlowConfig:
         """Raise ``ValueError`` naming the field when a value cannot work."""
         _at_least_one("flow", self, ("n_coupling_blocks", "context_kernel", "spatial_mixer_kernel"))
         _odd("flow", self, ("context_kernel", "spatial_mixer_kernel"))
+        _one_of("flow", "ms_context_kind", self.ms_context_kind, ("shared", "task_conditioned"))
+        if self.force_ms_context and not self.use_ms_context:
+            _fail("flow.force_ms_context", "go with flow.use_ms_context=True (it keeps the multi-scale context with whitening)", True)
+        if self.ms_context_kind != "shared" and not self.use_ms_context:
+            _fail("flow.ms_context_kind", "be 'shared' unless flow.use_ms_context=True (it chooses the multi-scale context's kind)", self.ms_context_kind)
+        if self.use_neighborhood_context:
+            if not self.use_context:
+                _fail("flow.use_neighborhood_context", "go with flow.use_context=True (it is the context branch's extractor)", True)
+            _at_least_one("flow", self, ("neighborhood_kernel",))
+            _odd("flow", self, ("neighborhood_kernel",))
+            if not 0.0 <= self.neighborhood_gate <= 1.0:
+                _fail("flow.neighborhood_gate", "be in [0, 1]", self.neighborhood_gate)
+        if self.use_patch_attention:
+            _at_least_one("flow", self, ("patch_attention_hidden",))
+            if not 0.0 <= self.patch_attention_dropout < 1.0:
+                _fail("flow.patch_attention_dropout", "be in [0, 1)", self.patch_attention_dropout)
         if self.use_context_gate and not self.use_context:
             _fail("flow.use_context_gate", "go with flow.use_context=True (the Baseline 2.0 gate scales the context branch)", True)
+        if self.use_cpcf and not self.use_context:
+            _fail("flow.use_cpcf", "go with flow.use_context=True (CPCF conditions the coupling on the context branch)", True)
+        if self.use_cpcf and self.use_context_gate:
+            _fail("flow.use_cpcf", "go with flow.use_context_gate=False (CPCF's context is not gated)", True)
+        if self.cpcf_use_attention and not self.use_cpcf:
+            _fail("flow.cpcf_use_attention", "go with flow.use_cpcf=True (it chooses CPCF's context extractor)", True)
+        if self.cpcf_use_attention and self.use_neighborhood_context:
+            _fail("flow.cpcf_use_attention", "go with flow.use_neighborhood_context=False (both replace the context conv)", True)
 
 
 @dataclass
@@ -141,11 +203,22 @@ class ExpertConfig:
     """What each task adds: its input adapter, LoRA pairs and biases in the subnets, and its DIA."""
 
     input_adapter: InputAdapterKind = "whitening"
-    """``whitening`` (V3-1, default), ``film`` (v3 FiLM adapter) or ``none``."""
+    """``whitening`` (V3-1, default), ``film`` (v3 FiLM adapter), ``instance_norm_mlp`` (the v1/v2
+    InstanceNorm + zero-initialised MLP adapter, tasks 1+ only) or ``none``."""
     whitening_gamma_range: tuple[float, float] = (0.5, 2.0)
     whitening_beta_max: float = 2.0
     whitening_identity_reg: float = 0.1
     """Task 0 pull toward gamma=1, beta=0 (V3-1)."""
+    film_use_norm: bool = True
+    """``film`` adapter: the notes' v3 ``use_norm``, a LayerNorm before FiLM (as the notes). ``False``:
+    FiLM and the MLP act on the raw features, and a fresh adapter is exactly the identity."""
+    film_reference: bool = True
+    """``film`` adapter: later tasks get task 0's per-channel patch mean and std as the notes' v3
+    ``reference_mean`` / ``reference_std`` (fitted with task 0's statistics) and map their normalised
+    features onto them; having a reference switches the notes' 90 % identity blend off. ``False``: no
+    adapter has a reference, so every task is the 90 % identity blend, as the notes' adapter built
+    without reference statistics. How the reference enters ``forward`` is this package's reading (the
+    notes elide it); see :class:`~.experts.input_adapters.FiLMAdapter`."""
     use_lora: bool = True
     lora_rank: int = 32
     lora_alpha: float = 1.0
@@ -153,10 +226,23 @@ class ExpertConfig:
     """v1 used ``alpha/(2*rank)``; v2 onward ``alpha/rank``."""
     lora_on_task0: bool = True
     """v2 onward: task 0 has its own LoRA expert too (v1: base only)."""
+    lora_kind: LoRAKind = "standard"
+    """``standard``: one low-rank pair per linear and task; ``spatial_contextual``: the lower-case v4
+    SC-LoRA, a ``sc_lora_grid_size`` square grid of pairs per linear and task, bilinearly
+    interpolated by patch position (:mod:`~.experts.spatial_lora`)."""
+    sc_lora_grid_size: int = 4
+    """SC-LoRA grid cells per side (the notes' ``--sc_lora_grid_size``)."""
     use_task_bias: bool = True
     use_dia: bool = True
     dia_n_blocks: int = 3
+    """Notes and public code: 2 (``--dia_n_blocks 2``); 3 is a measured change (model README, "Beyond
+    the notes")."""
     dia_hidden_ratio: float = 1.0
+    """DIA subnet hidden width relative to the patch channels. Notes: 0.5 (``--dia_hidden_ratio 0.5``,
+    the V3-3 ``DeepInvertibleAdapter`` default), which the V3 presets set. 1.0 here since the
+    package's first version, because its patches have 152 channels where the public code's have 768
+    (whose DIA, at 0.5, is 384 wide): 0.5 would leave 76 hidden units, 1.0 gives 152. No run
+    comparing 1.0 with 0.5 on this package is recorded."""
     dia_clamp: float = 1.9
 
     def __post_init__(self) -> None:
@@ -168,8 +254,10 @@ class ExpertConfig:
         low, high = self.whitening_gamma_range
         if not 0 < low < 1 < high:
             _fail("experts.whitening_gamma_range", "satisfy 0 < low < 1 < high", (low, high))
-        _one_of("experts", "input_adapter", self.input_adapter, ("whitening", "film", "none"))
+        _one_of("experts", "input_adapter", self.input_adapter, INPUT_ADAPTERS)
         _one_of("experts", "lora_scaling", self.lora_scaling, ("alpha/rank", "alpha/(2*rank)"))
+        _one_of("experts", "lora_kind", self.lora_kind, ("standard", "spatial_contextual"))
+        _at_least_one("experts", self, ("sc_lora_grid_size",))
 
 
 @dataclass
@@ -237,6 +325,11 @@ class ScoringConfig:
 
     score_top_k: int = 3
     """Image score: mean of the ``score_top_k`` highest patch NLLs."""
+    image_score: ImageScore = "top_k_mean"
+    """How the flow's patch NLLs become the image score: ``top_k_mean`` (the mean of the
+    ``score_top_k`` largest), ``max`` (the largest patch) or ``p99`` (the 99th percentile of the
+    patches, linear interpolation as ``torch.quantile``), the two the notes' V3/V4 analysis names.
+    The patch memory's image term keeps its top-k mean."""
     global_score_weight: float = 0.5
     """Beyond the notes: image score = z(flow top-k) + weight * z(squared Mahalanobis of the pooled
     features to the task's Gaussian); 0 keeps the notes' flow-only image score."""
@@ -263,6 +356,7 @@ class ScoringConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field when a value cannot work."""
         _at_least_one("scoring", self, ("score_top_k",))
+        _one_of("scoring", "image_score", self.image_score, IMAGE_SCORES)
         for name in ("global_score_weight", "position_gaussian_weight", "position_gaussian_shrinkage", "patch_memory_size", "patch_memory_weight"):
             if getattr(self, name) < 0:
                 _fail(f"scoring.{name}", "be >= 0", getattr(self, name))
@@ -276,13 +370,36 @@ class OptimConfig:
     weight_decay: float = 1e-5
     grad_clip: float = 0.5
     warmup_epochs: int = 0
+    training_stages: TrainingStages = "single"
+    """``single``: every epoch trains all of the task's trainable parameters; ``base_fast_slow``: the
+    Baseline 2.0 trainer's stages (task 0 base; later tasks: their expert first, then the shared
+    parts they still train), see :mod:`.training_stages`."""
+    fast_epochs_ratio: float = 0.5
+    """``base_fast_slow``: fraction of a later task's epochs in the fast stage (not in the notes)."""
+    slow_lr_ratio: float = 0.1
+    """``base_fast_slow``: the slow stage's learning rate as a fraction of ``lr`` (not in the notes)."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when a value cannot work."""
+        _one_of("optim", "training_stages", self.training_stages, TRAINING_STAGES)
+        if not 0.0 < self.fast_epochs_ratio < 1.0:
+            _fail("optim.fast_epochs_ratio", "be in (0, 1)", self.fast_epochs_ratio)
+        if not self.slow_lr_ratio > 0.0:
+            _fail("optim.slow_lr_ratio", "be > 0", self.slow_lr_ratio)
 
 
 MS_CONTEXT_DROPPED = (
     "MoLEFlowConfig: flow.use_ms_context=True with experts.input_adapter='whitening' trains unstably (notes V3-2), "
-    "so the multi-scale context is dropped; use input_adapter 'film' or 'none' to keep it"
+    "so the multi-scale context is dropped; use input_adapter 'film' or 'none' to keep it "
+    "(flow.force_ms_context=True keeps it with whitening, the notes' failed 'All V3' run)"
 )
 """Warning of the one combination resolved rather than rejected, as the notes' ``AblationConfig`` resolves it."""
+
+MS_CONTEXT_FORCED = (
+    "MoLEFlowConfig: flow.force_ms_context=True keeps the multi-scale context with experts.input_adapter='whitening'; "
+    "the notes saw this combination collapse training (V3 'All V3 (conflict)': mean image AUROC 0.4471)"
+)
+"""Warning when ``flow.force_ms_context`` overrides the drop of :data:`MS_CONTEXT_DROPPED`."""
 
 _GROUPS: dict[str, type] = {
     "features": FeatureConfig,
@@ -346,13 +463,31 @@ class MoLEFlowConfig:
                 f"{self.scoring.patch_memory_size}; raise it, lower router_memory_size, or choose another router"
             )
             raise ValueError(msg)
+        if self.optim.training_stages == "base_fast_slow" and not self._shared_parts_train_after_task0():
+            msg = (
+                "MoLEFlowConfig.optim.training_stages='base_fast_slow' trains the shared parts of later tasks in its "
+                "slow stage, but every shared part is frozen after task 0 (flow.freeze_base_after_task0, "
+                "freeze_mixer_after_task0, freeze_context_after_task0) or absent; unfreeze one or use 'single'"
+            )
+            raise ValueError(msg)
         if self.flow.use_ms_context and self.experts.input_adapter == "whitening":
-            warnings.warn(MS_CONTEXT_DROPPED, UserWarning, stacklevel=2)
+            warnings.warn(MS_CONTEXT_FORCED if self.flow.force_ms_context else MS_CONTEXT_DROPPED, UserWarning, stacklevel=2)
+
+    def _shared_parts_train_after_task0(self) -> bool:
+        flow = self.flow
+        mixer = flow.use_spatial_mixer or self.effective_ms_context or flow.use_patch_attention
+        return (
+            not flow.freeze_base_after_task0
+            or (mixer and not flow.freeze_mixer_after_task0)
+            or (flow.use_context and not flow.freeze_context_after_task0)
+        )
 
     @property
     def effective_ms_context(self) -> bool:
-        """V3-2: whitening + multi-scale context collapses training, so MS context is dropped."""
-        return self.flow.use_ms_context and self.experts.input_adapter != "whitening"
+        """Whether the model builds the MS context: V3-2's whitening + multi-scale context collapses
+        training, so MS context is dropped with whitening unless ``flow.force_ms_context``."""
+        flow = self.flow
+        return flow.use_ms_context and (self.experts.input_adapter != "whitening" or flow.force_ms_context)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-python nested dict (tuples become lists) for checkpoints and JSON."""

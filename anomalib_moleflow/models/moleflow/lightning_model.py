@@ -36,6 +36,13 @@ from .post_processing import (
 )
 from .pre_processing import moleflow_pre_processor, prepare_batch
 from .torch_model import MoLEFlowModel
+from .training_stages import (
+    Stage,
+    drop_other_stages,
+    fast_epochs,
+    parameter_groups,
+    stage_of_epoch,
+)
 
 
 @contextlib.contextmanager
@@ -261,8 +268,27 @@ class MoLEFlow(AnomalibModule):
             self.log(f"train_{name}", value, on_epoch=True, on_step=False, logger=True, batch_size=len(features))
         return {"loss": loss}
 
+    def on_train_epoch_end(self) -> None:
+        """Log the context branch's strength once per epoch (``context_alpha/block_<i>`` of
+        Baseline 1.5, ``gate_*/block_<i>`` of Baseline 2.0's last training batch, and their
+        summaries; :meth:`MoLEFlowModel.context_statistics`), when the trainer has a logger."""
+        if self._trainer is None or not self.trainer.loggers:
+            return
+        for name, value in self.model.context_statistics().items():
+            self.log(name, value, on_step=False, on_epoch=True, logger=True, sync_dist=True)
+
+    def training_stage(self) -> Stage:
+        """The stage this epoch trains in (``optim.training_stages``, :mod:`.training_stages`)."""
+        key = self.model.active_task
+        first = key is None or self.model.task_keys.index(key) == 0
+        max_epochs = (self.trainer.max_epochs or 1) if self._trainer is not None else 1
+        return stage_of_epoch(first, self.current_epoch, max(1, max_epochs), self.config.optim.fast_epochs_ratio)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """A step whose gradients are not finite is skipped too (its gradients dropped), and counted."""
+        """Only the running stage's parameters step (``optim.training_stages``). A step whose
+        gradients are not finite is skipped too (its gradients dropped), and counted."""
+        if self.config.optim.training_stages != "single":
+            drop_other_stages(optimizer.param_groups, self.training_stage())
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = all(torch.isfinite(p.grad).all() for p in params)
         if not finite:
@@ -298,19 +324,28 @@ class MoLEFlow(AnomalibModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW on the active task's trainable parameters, cosine schedule with warm-up."""
+        """AdamW on the active task's trainable parameters, cosine schedule with warm-up; with
+        ``optim.training_stages="base_fast_slow"`` a later task's expert and shared parameters are
+        two groups (fast and slow learning rate), stepped in turn, each stage on its own cosine."""
         key = self.model.active_task
         params = self.model.prepare_task_training(key)
         optim = self.config.optim
+        if optim.training_stages == "base_fast_slow":
+            params = parameter_groups(self.model, key, optim.lr, optim.slow_lr_ratio)
         optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         max_epochs = max(1, self.trainer.max_epochs or 1) if self._trainer is not None else 1
         warmup = int(total * optim.warmup_epochs / max_epochs)
+        slow_start: int | None = None  # the step the slow stage starts at
+        if optim.training_stages == "base_fast_slow" and self.model.task_keys.index(key) > 0 and max_epochs > 1:
+            slow_start = int(total * fast_epochs(max_epochs, optim.fast_epochs_ratio) / max_epochs)
 
         def schedule(step: int) -> float:
+            if slow_start is not None and step >= slow_start:  # the slow stage: a cosine of its own, no warm-up
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - slow_start) / max(1, total - slow_start))))
             if step < warmup:
                 return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(1, total - warmup)
+            progress = (step - warmup) / max(1, (total if slow_start is None else slow_start) - warmup)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -345,7 +380,7 @@ class MoLEFlow(AnomalibModule):
 
     # ----------------------------------------------------------------- checkpoints
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> MoLEFlow:  # noqa: ANN401
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> MoLEFlow:
         """Lightning's loader (``anomalib export --ckpt_path``); a continual checkpoint of format 1,
         which has no Lightning keys, loads through :meth:`from_checkpoint`."""
         try:
@@ -356,7 +391,7 @@ class MoLEFlow(AnomalibModule):
             return cls.from_checkpoint(checkpoint_path)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, **components: Any) -> MoLEFlow:  # noqa: ANN401
+    def from_checkpoint(cls, path: str | Path, **components: Any) -> MoLEFlow:
         """The one loader: a MoLE-Flow model, in eval mode, from any checkpoint the project writes
         (``anomalib fit``, a continual run's task checkpoint of any format), loaded with
         ``weights_only=True``. Continual models route among their experts and score each task on
@@ -422,15 +457,15 @@ class ContinualCheckpointIO(CheckpointIO):
     def __init__(self, inner: CheckpointIO) -> None:
         self.inner = inner
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:  # noqa: ANN401
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         """As the wrapped IO."""
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
-    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:  # noqa: ANN401
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The wrapped IO's checkpoint, in the form Lightning reads."""
         return lightning_checkpoint(self.inner.load_checkpoint(path, *args, **kwargs))
 
-    def remove_checkpoint(self, path: Any) -> None:  # noqa: ANN401
+    def remove_checkpoint(self, path: Any) -> None:
         """As the wrapped IO."""
         self.inner.remove_checkpoint(path)
 
@@ -439,7 +474,7 @@ class ContinualCheckpointIO(CheckpointIO):
         self.inner.teardown()
 
 
-def _first_loader(loaders: Any) -> Any:  # noqa: ANN401 - a DataLoader or a collection of them
+def _first_loader(loaders: Any) -> Any:
     """The dataloader behind ``trainer.train_dataloader`` (first one if several)."""
     if isinstance(loaders, dict):
         return next(iter(loaders.values()), None)
@@ -448,7 +483,7 @@ def _first_loader(loaders: Any) -> Any:  # noqa: ANN401 - a DataLoader or a coll
     return loaders
 
 
-def _with_image(batch: Any, image: torch.Tensor) -> Any:  # noqa: ANN401 - an anomalib batch
+def _with_image(batch: Any, image: torch.Tensor) -> Any:
     """Copy of ``batch`` with ``image`` replaced."""
     if dataclasses.is_dataclass(batch):
         return dataclasses.replace(batch, image=image)

@@ -11,9 +11,9 @@ to every prototype, and the two-stage routers score the ``top_k`` shortlisted ca
 gathers (a loop over ``k``, not over tasks).
 
 Numbers equal the per-expert loop's to float rounding (batched instead of per-expert matrix
-products). Two steps there are discontinuous, so a rounding difference can move them: the patch
-memory's surprisal counts reference values below a score, and a near-tie between two routing
-candidates can flip the choice.
+products), in PyTorch and in an exported graph alike: the patch memory's surprisal interpolates
+between training values and its distances are taken from the differences, so both move only as
+much as their inputs do. A near-tie between two routing candidates can still flip the choice.
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .experts import DeepInvertibleAdapter, FiLMAdapter, WhiteningAdapter
+from .experts import DeepInvertibleAdapter, FiLMAdapter, InstanceNormMLPAdapter, WhiteningAdapter
+from .experts.input_adapters import instance_norm
+from .experts.spatial_lora import SpatialLoRALinear
+from .flow import TaskConditionedMSContext
 from .gaussian import pool_features
 from .loss import patch_nll
 from .routing import UNKNOWN
-from .task_statistics.patch_memory import BEYOND_SLOPE
+from .task_statistics.patch_memory import interpolated_count, row_distance, surprisal_of_count, upper_counts
 from .task_statistics.thresholds import THRESHOLD_NAMES
 
 if TYPE_CHECKING:
@@ -48,23 +51,20 @@ def _exporting() -> bool:
 
 def _nearest(x: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor) -> torch.Tensor:
     """Euclidean distance ``(B, N)`` of each row of ``x (B, N, C)`` to its nearest row of its own
-    ``bank (B, S, C)`` (squared row norms ``bank_sq (B, S)``)."""
+    ``bank (B, S, C)`` (squared row norms ``bank_sq (B, S)``): the nearest row found with one
+    product, its distance taken from the difference, as
+    :func:`~.task_statistics.patch_memory.nearest_distances`."""
     squared = (x**2).sum(-1, keepdim=True) - 2 * torch.bmm(x, bank.transpose(1, 2)) + bank_sq[:, None, :]
-    return squared.min(dim=-1).values.clamp_min(0).sqrt()
+    nearest = squared.argmin(dim=-1, keepdim=True).expand(-1, -1, x.shape[-1])
+    return row_distance(x, bank.gather(1, nearest))
 
 
-def _surprisal(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def _surprisal(values: torch.Tensor, reference: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     """:func:`~.task_statistics.patch_memory.surprisal` of ``values (B, H, W)`` under each image's own
-    sorted ``reference (B, R)``."""
+    sorted ``reference (B, R)`` (its :func:`~.task_statistics.patch_memory.upper_counts` ``upper``)."""
     n = reference.shape[-1]
-    if _exporting():  # a count of smaller reference values, in operators every runtime has
-        below = (reference[:, None, None, :] < values[..., None]).sum(dim=-1)
-    else:  # the same count (first index not below the value), without a (B, H, W, R) comparison
-        below = torch.searchsorted(reference.contiguous(), values.reshape(len(values), -1).contiguous()).view(values.shape)
-    empirical = -torch.log((n - below + 1).to(values.dtype) / (n + 1))
-    top = reference[:, -1, None, None]
-    spread = (top - reference[:, n // 2, None, None]).clamp_min(1e-12)
-    return torch.where(values > top, empirical + BEYOND_SLOPE * (values - top) / spread, empirical)
+    count = interpolated_count(values.flatten(1), reference, upper).view(values.shape)
+    return surprisal_of_count(values, count, reference[:, -1, None, None], reference[:, n // 2, None, None], n)
 
 
 class StackedExperts(nn.Module):
@@ -86,6 +86,7 @@ class StackedExperts(nn.Module):
         with torch.no_grad():
             self._stack_flow(model, keys)
             self._stack_adapters(model, keys)
+            self._stack_ms_context(model, keys)
             self._stack_dia(model, keys)
             self._stack_statistics(model, keys)
             self._stack_router(model, keys)
@@ -97,11 +98,15 @@ class StackedExperts(nn.Module):
 
     def _stack_flow(self, model: MoLEFlowModel, keys: list[str]) -> None:
         self.n_flow_layers = len(model.flow.lora_layers())
+        self.spatial_flow_layers: set[int] = set()
+        """Indices of SC-LoRA layers: their grids are stacked apart, as the update varies per patch."""
         for index, layer in enumerate(model.flow.lora_layers()):
             weights, biases = [], []
+            if isinstance(layer, SpatialLoRALinear):
+                self._stack_spatial_lora(layer, keys, index)
             for key in keys:
                 weight, bias = layer.base.weight, layer.base.bias
-                if key in layer.lora_A:  # as LoRALinear.merged_weights: W + scaling * B A, b + bias_t
+                if key in layer.lora_A and index not in self.spatial_flow_layers:  # as LoRALinear.merged_weights: W + s B A
                     weight = weight + layer.scaling * (layer.lora_B[key].weight @ layer.lora_A[key].weight)
                 if key in layer.task_bias:
                     bias = bias + layer.task_bias[key]
@@ -110,10 +115,22 @@ class StackedExperts(nn.Module):
             self._put(f"flow_weight_{index}", weights)
             self._put(f"flow_bias_{index}", biases)
 
+    def _stack_spatial_lora(self, layer: SpatialLoRALinear, keys: list[str], index: int) -> None:
+        """SC-LoRA grids ``(T, G, G, rank, in)`` and ``(T, G, G, out, rank)`` (zeros for an expert without LoRA)."""
+        self.spatial_flow_layers.add(index)
+        g, rank, weight = layer.grid_size, layer.rank, layer.base.weight
+        empty_a = weight.new_zeros(g, g, rank, layer.in_features)
+        empty_b = weight.new_zeros(g, g, layer.out_features, rank)
+        self._put(f"flow_lora_a_{index}", [layer.lora_A[k] if k in layer.lora_A else empty_a for k in keys])
+        self._put(f"flow_lora_b_{index}", [layer.lora_B[k] if k in layer.lora_B else empty_b for k in keys])
+
     def _stack_adapters(self, model: MoLEFlowModel, keys: list[str]) -> None:
         adapters = [model.input_adapters[key] for key in keys if key in model.input_adapters]
         self.adapter_kind = "none"
         if not adapters:
+            return
+        if all(isinstance(a, InstanceNormMLPAdapter) for a in adapters):  # v1/v2: task 0 has none
+            self._stack_instance_norm_adapters(model, keys)
             return
         if len(adapters) != len(keys):
             msg = "StackedExperts needs an input adapter for every task or for none"
@@ -125,9 +142,15 @@ class StackedExperts(nn.Module):
             self._put("adapter_beta", [a.beta for a in adapters])
         elif all(isinstance(a, FiLMAdapter) for a in adapters):
             self.adapter_kind = "film"
-            self.film_eps = adapters[0].layer_norm.eps
-            self._put("film_ln_weight", [a.layer_norm.weight for a in adapters])
-            self._put("film_ln_bias", [a.layer_norm.bias for a in adapters])
+            normed = [a for a in adapters if getattr(a, "use_norm", True)]
+            self.film_eps = normed[0].layer_norm.eps if normed else 1e-5
+            ones, zeros = torch.ones_like(adapters[0].film_gamma), torch.zeros_like(adapters[0].film_gamma)
+            self._put("film_norm", [torch.tensor(bool(getattr(a, "use_norm", True))) for a in adapters])
+            self._put("film_ln_weight", [a.layer_norm.weight if a in normed else ones for a in adapters])
+            self._put("film_ln_bias", [a.layer_norm.bias if a in normed else zeros for a in adapters])
+            mapped = [a in normed and a.has_reference and hasattr(a, "reference_std") for a in adapters]
+            self._put("film_ref_std", [a.reference_std if m else ones for a, m in zip(adapters, mapped, strict=True)])
+            self._put("film_ref_mean", [a.reference_mean if m else zeros for a, m in zip(adapters, mapped, strict=True)])
             self._put("film_gamma", [a.film_gamma for a in adapters])
             self._put("film_beta", [a.film_beta for a in adapters])
             for i in (0, 2):
@@ -138,6 +161,28 @@ class StackedExperts(nn.Module):
         else:
             msg = f"StackedExperts cannot stack input adapters of kinds {sorted({type(a).__name__ for a in adapters})}"
             raise TypeError(msg)
+
+    def _stack_instance_norm_adapters(self, model: MoLEFlowModel, keys: list[str]) -> None:
+        """v1/v2 adapters; a task without one (task 0) gets zeros and ``instance_norm_present`` false."""
+        adapters = model.input_adapters
+        template = next(iter(adapters.values()))
+        self.adapter_kind = "instance_norm_mlp"
+        self.instance_norm_eps = template.eps
+        tensors = {f"weight_{i}": lambda a, i=i: a.mlp[i].weight for i in (0, 2)}
+        tensors |= {f"bias_{i}": lambda a, i=i: a.mlp[i].bias for i in (0, 2)}
+        tensors["gate"] = lambda a: a.residual_gate
+        for name, get in tensors.items():
+            self._put(f"instance_norm_{name}", [get(adapters[k]) if k in adapters else torch.zeros_like(get(template)) for k in keys])
+        self._put("instance_norm_present", [torch.tensor(k in adapters) for k in keys])
+
+    def _stack_ms_context(self, model: MoLEFlowModel, keys: list[str]) -> None:
+        """Each task's condition of a :class:`~.flow.TaskConditionedMSContext` (its convs are shared)."""
+        self.task_conditioned_ms_context = isinstance(model.ms_context, TaskConditionedMSContext)
+        if not self.task_conditioned_ms_context:
+            return
+        conditions = [model.ms_context.conditions[key] for key in keys]
+        for name in ("branch_weights", "gamma", "beta", "gate"):
+            self._put(f"ms_context_{name}", [getattr(c, name) for c in conditions])
 
     def _stack_dia(self, model: MoLEFlowModel, keys: list[str]) -> None:
         dias: list[DeepInvertibleAdapter] = [model.dia[key] for key in keys if key in model.dia]
@@ -179,6 +224,8 @@ class StackedExperts(nn.Module):
             self._put("memory_bank_sq", [(tasks[k].bank ** 2).sum(1) for k in keys])
             self._put("memory_distance_reference", [tasks[k].distance_reference for k in keys])
             self._put("memory_map_reference", [tasks[k].map_reference for k in keys])
+            self._put("memory_distance_upper", [upper_counts(tasks[k].distance_reference[None])[0] for k in keys])
+            self._put("memory_map_upper", [upper_counts(tasks[k].map_reference[None])[0] for k in keys])
             self._put("memory_image_stats", [tasks[k].image_stats for k in keys])
             self._put("memory_routing_calibration", [tasks[k].routing_calibration for k in keys])
             self._put("memory_fitted", self._fitted(model.patch_memory, keys))
@@ -213,12 +260,22 @@ class StackedExperts(nn.Module):
             batch, channels = x.shape[0], x.shape[-1]
             normed = F.layer_norm(x, x.shape[-1:], eps=self.film_eps)
             normed = normed * self.film_ln_weight[route][:, None, None] + self.film_ln_bias[route][:, None, None]
+            normed = normed * self.film_ref_std[route][:, None, None] + self.film_ref_mean[route][:, None, None]
+            normed = torch.where(self.film_norm[route][:, None, None, None], normed, x)
             y = self.film_gamma[route][:, None, None] * normed + self.film_beta[route][:, None, None]
             flat = y.reshape(batch, -1, channels)
             hidden = F.gelu(gathered_linear(flat, self.film_mlp_weight_0, self.film_mlp_bias_0, route))
             mlp = gathered_linear(hidden, self.film_mlp_weight_2, self.film_mlp_bias_2, route).view_as(y)
             y = y + self.film_gate[route][:, None, None] * mlp
             return torch.where(self.film_reference[route][:, None, None, None], y, 0.9 * x + 0.1 * y)
+        if self.adapter_kind == "instance_norm_mlp":
+            batch, channels = x.shape[0], x.shape[-1]
+            normed = instance_norm(x, self.instance_norm_eps)
+            flat = normed.reshape(batch, -1, channels)
+            hidden = F.gelu(gathered_linear(flat, self.instance_norm_weight_0, self.instance_norm_bias_0, route))
+            mlp = gathered_linear(hidden, self.instance_norm_weight_2, self.instance_norm_bias_2, route).view_as(normed)
+            y = normed + self.instance_norm_gate[route][:, None, None] * mlp
+            return torch.where(self.instance_norm_present[route][:, None, None, None], y, x)
         return x
 
     def _dia(self, z: torch.Tensor, route: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -251,11 +308,18 @@ class StackedExperts(nn.Module):
         x = self._adapter(x, route)
         if model.spatial_mixer is not None:
             x = model.spatial_mixer(x)
-        if model.ms_context is not None:
+        if self.task_conditioned_ms_context:
+            conditions = (getattr(self, f"ms_context_{n}")[route] for n in ("branch_weights", "gamma", "beta", "gate"))
+            x = model.ms_context.conditioned(x, *conditions)
+        elif model.ms_context is not None:
             x = model.ms_context(x)
+        if getattr(model, "patch_attention", None) is not None:  # absent from models pickled before it existed
+            x = model.patch_attention(x)
         layers = model.flow.lora_layers()
         for index, layer in enumerate(layers):
             layer.routed = (getattr(self, f"flow_weight_{index}")[route], getattr(self, f"flow_bias_{index}")[route])
+            if index in self.spatial_flow_layers:
+                layer.routed += (getattr(self, f"flow_lora_a_{index}")[route], getattr(self, f"flow_lora_b_{index}")[route])
         try:
             z, log_jac_det = model.flow(x)
         finally:
@@ -305,9 +369,9 @@ class StackedExperts(nn.Module):
             fitted = self.memory_fitted[route]
             memory_score = pred_score + cfg.patch_memory_weight * ((top - stats[:, 0]) / stats[:, 1])
             pred_score = torch.where(fitted, memory_score, pred_score)
-            fused = _surprisal(patch_scores, self.memory_map_reference[route].to(patch_scores.dtype)) + _surprisal(
-                distances, self.memory_distance_reference[route].to(distances.dtype)
-            )
+            fused = _surprisal(
+                patch_scores, self.memory_map_reference[route].to(patch_scores.dtype), self.memory_map_upper[route]
+            ) + _surprisal(distances, self.memory_distance_reference[route].to(distances.dtype), self.memory_distance_upper[route])
             patch_scores = torch.where(fitted[:, None, None], fused, patch_scores)
         anomaly_map = model.anomaly_map_generator(patch_scores)
         if normalize:

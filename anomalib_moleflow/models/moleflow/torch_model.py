@@ -6,6 +6,9 @@ Pipeline (V4.1)::
           -> input adapter[task] -> spatial mixer (shared) -> shared flow + LoRA[task]
           -> DIA[task] -> z, log|det J| per patch -> NLL -> anomaly map, image score
 
+Optional pre-flow modules of other versions sit after the spatial mixer, in this order: the V3-2
+multi-scale context (shared, or conditioned per task) and the v6 patch self-attention (shared).
+
 Beyond the notes (each can be switched off in the config): the map adds a per-task
 position-conditional Gaussian NLL to the flow NLL, and the image score is fused with a
 pooled-feature Gaussian score (:mod:`.task_statistics`).
@@ -28,9 +31,9 @@ from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator
 from .config import MoLEFlowConfig
-from .experts import DeepInvertibleAdapter, build_input_adapter
+from .experts import DeepInvertibleAdapter, FiLMAdapter, build_input_adapter
 from .feature_extractor import PatchFeatureExtractor
-from .flow import LightweightMSContext, SharedFlow, SpatialMixer
+from .flow import LightweightMSContext, LightweightPatchAttention, SharedFlow, SpatialMixer, TaskConditionedMSContext
 from .gaussian import pool_features
 from .inference_batch import RoutedInferenceBatch
 from .loss import patch_nll
@@ -60,9 +63,16 @@ class MoLEFlowModel(nn.Module):
         self.grid_size = self.feature_extractor.grid_size
         self.input_adapters = nn.ModuleDict()
         self.spatial_mixer = SpatialMixer(self.channels, cfg.flow.spatial_mixer_kernel) if cfg.flow.use_spatial_mixer else None
-        self.ms_context = (
-            LightweightMSContext(self.channels, cfg.flow.ms_context_dilations) if cfg.effective_ms_context else None
+        self.ms_context: LightweightMSContext | TaskConditionedMSContext | None = None
+        if cfg.effective_ms_context:
+            kind = TaskConditionedMSContext if cfg.flow.ms_context_kind == "task_conditioned" else LightweightMSContext
+            self.ms_context = kind(self.channels, cfg.flow.ms_context_dilations)
+        self.patch_attention = (
+            LightweightPatchAttention(self.channels, cfg.flow.patch_attention_hidden, cfg.flow.patch_attention_dropout)
+            if cfg.flow.use_patch_attention
+            else None
         )
+        """v6 patch self-attention, shared, just before the flow (after the adapter and the mixers)."""
         self.flow = SharedFlow(self.channels, cfg)
         self.dia = nn.ModuleDict()
         self.router = (
@@ -102,6 +112,7 @@ class MoLEFlowModel(nn.Module):
             (cfg.features.image_size, cfg.features.image_size),
             sigma=cfg.scoring.anomaly_map_sigma,
             top_k=cfg.scoring.score_top_k,
+            image_score=cfg.scoring.image_score,
         )
         self.task_keys: list[str] = []
         self.task_names: list[str] = []
@@ -135,9 +146,15 @@ class MoLEFlowModel(nn.Module):
         index = len(self.task_keys)
         key = str(index)
         cfg = self.config
-        adapter = build_input_adapter(cfg.experts, self.channels, index)
+        reference = None
+        if cfg.experts.input_adapter == "film" and cfg.experts.film_reference and index > 0:
+            first = self.input_adapters[self.task_keys[0]]  # the v3 reference: task 0's patch statistics
+            reference = (first.input_mean, first.input_std)
+        adapter = build_input_adapter(cfg.experts, self.channels, index, reference)
         if adapter is not None:
             self.input_adapters[key] = adapter
+        if isinstance(self.ms_context, TaskConditionedMSContext):
+            self.ms_context.add_task(key)
         self.flow.add_adapter(key, lora=cfg.experts.use_lora and (index > 0 or cfg.experts.lora_on_task0))
         if cfg.experts.use_dia:
             experts = cfg.experts
@@ -166,13 +183,17 @@ class MoLEFlowModel(nn.Module):
         for container in (self.input_adapters, self.dia):
             if key in container:
                 params += list(container[key].parameters())
+        if isinstance(self.ms_context, TaskConditionedMSContext):
+            params += self.ms_context.task_parameters(key)
         return params
 
     def shared_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Shared (task-independent) trainable parameters by group."""
         mixer = []
-        for module in (self.spatial_mixer, self.ms_context):
-            if module is not None:
+        for module in (self.spatial_mixer, self.ms_context, getattr(self, "patch_attention", None)):
+            if isinstance(module, TaskConditionedMSContext):
+                mixer += module.shared_parameters()  # its per-task conditions are expert parameters
+            elif module is not None:
                 mixer += list(module.parameters())
         return {"base": self.flow.base_parameters(), "mixer": mixer, "context": self.flow.context_parameters()}
 
@@ -206,6 +227,32 @@ class MoLEFlowModel(nn.Module):
             return self.input_adapters[key].regularization()
         return torch.zeros((), device=next(self.flow.parameters()).device)
 
+    def context_statistics(self) -> dict[str, float]:
+        """The context branch's strength per coupling block, for the training log: Baseline 1.5's
+        ``context_alpha/block_<i>``, or Baseline 2.0's ``gate_{mean,std,min,max}/block_<i>`` of
+        the last training forward, plus their summary over the blocks as the notes'
+        ``get_context_info`` gives it (``alpha_mean``; ``gate_mean``/``gate_std`` averaged,
+        ``gate_min``/``gate_max`` the extremes). Empty without a context branch (or before a
+        gated forward ran)."""
+        out: dict[str, float] = {}
+        alphas, gates = [], []
+        for index, subnet in enumerate(self.flow.subnets()):
+            alpha, gate = subnet.get_context_alpha(), subnet.get_last_gate_stats()
+            if alpha is not None:
+                out[f"context_alpha/block_{index}"] = alpha
+                alphas.append(alpha)
+            if gate is not None:
+                out.update({f"gate_{name}/block_{index}": value for name, value in gate.items()})
+                gates.append(gate)
+        if alphas:
+            out["alpha_mean"] = sum(alphas) / len(alphas)
+        if gates:
+            out["gate_mean"] = sum(g["mean"] for g in gates) / len(gates)
+            out["gate_std"] = sum(g["std"] for g in gates) / len(gates)
+            out["gate_min"] = min(g["min"] for g in gates)
+            out["gate_max"] = max(g["max"] for g in gates)
+        return out
+
     # ----------------------------------------------------------------- computation
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen-backbone patch features ``(B, H, W, C)``."""
@@ -238,8 +285,12 @@ class MoLEFlowModel(nn.Module):
                 x = self.input_adapters[key](x)
             if self.spatial_mixer is not None:
                 x = self.spatial_mixer(x)
-            if self.ms_context is not None:
+            if isinstance(self.ms_context, TaskConditionedMSContext):
+                x = self.ms_context(x, key)
+            elif self.ms_context is not None:
                 x = self.ms_context(x)
+            if getattr(self, "patch_attention", None) is not None:  # absent from models pickled before it existed
+                x = self.patch_attention(x)
             z, log_jac_det = self.flow(x)
         if key in self.dia:
             z, dia_log_jac_det = self.dia[key](z)
@@ -294,7 +345,8 @@ class MoLEFlowModel(nn.Module):
     def fit_task_statistics(self, key: str, train_features: Sequence[torch.Tensor]) -> None:
         """Fit expert ``key``'s statistics from its training features (chunks of ``(b, H, W, C)``):
         its router prototype, position Gaussian, global-score fusion and patch memory (each when
-        configured; the memory last, as it references the map scores of the others)."""
+        configured; the memory last, as it references the map scores of the others), and for the first
+        task's FiLM adapter the patch mean and std that later tasks' FiLM adapters take as reference."""
         chunks = list(train_features)
         if not chunks:
             msg = f"no training features to fit task {key!r}'s statistics"
@@ -309,6 +361,9 @@ class MoLEFlowModel(nn.Module):
             self.global_score.fit(key, pooled, flow_scores)
         if self.patch_memory is not None:
             self.patch_memory.fit(key, chunks, lambda f: self.map_scores(f, key))
+        adapter = self.input_adapters[key] if key in self.input_adapters else None
+        if key == self.task_keys[0] and isinstance(adapter, FiLMAdapter):  # the reference of later tasks
+            adapter.fit_input_statistics([features[..., : self.channels] for features in chunks])
 
     @torch.no_grad()
     def fit_task_thresholds(

@@ -8,6 +8,11 @@ The blocks are anomalib's copy of FrEIA's ``AllInOneBlock`` (same maths and stat
 keys): FrEIA's own keeps lambdas as attributes, so a model holding it cannot be pickled
 and ``anomalib export --export_type torch`` fails; anomalib's copy also draws its
 permutation from torch's RNG rather than numpy's.
+
+With ``flow.use_neighborhood_context`` (lower-case v4.1) each subnet's learned context conv is
+replaced by the fixed :class:`~.neighborhood_context.NeighborhoodContextExtractor`, so the context
+branch has no trainable extractor (its bounded alpha or patch gate remains; with ``flow.use_cpcf``
+the context enters both coupling branches unscaled, as the notes' v4.1 feeds it).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import nn
 from ..config import MoLEFlowConfig
 from ..experts.lora import LoRALinear
 from .coupling_subnet import MoLEContextSubnet
+from .neighborhood_context import NeighborhoodContextExtractor
 
 
 class SharedFlow(nn.Module):
@@ -38,8 +44,13 @@ class SharedFlow(nn.Module):
             raise ValueError(msg)
         self.channels = channels
 
+        flow = config.flow
+
         def subnet_constructor(c_in: int, c_out: int) -> MoLEContextSubnet:
-            return MoLEContextSubnet(c_in, c_out, config)
+            subnet = MoLEContextSubnet(c_in, c_out, config)
+            if flow.use_neighborhood_context and subnet.context_conv is not None:
+                subnet.context_conv = NeighborhoodContextExtractor(flow.neighborhood_kernel, flow.neighborhood_gate)
+            return subnet
 
         self.inn = SequenceINN(channels)
         for _ in range(config.flow.n_coupling_blocks):

@@ -7,8 +7,8 @@ the memory, so these are distances of patches the memory has not seen), their an
 without the memory, and the per-image mean of the ``top_k`` largest memory distances.
 
 * **anomaly map**: ``surprisal(map score) + surprisal(memory distance)``, where
-  ``surprisal(x) = -log P(training patch score >= x)``: both evidences on one scale, without a
-  weight to tune;
+  ``surprisal(x) = -log P(training patch score >= x)`` (interpolated between training values, so
+  continuous): both evidences on one scale, without a weight to tune;
 * **image score**: ``weight * z(top-k memory distance)`` is added to the fused image score;
 * **routing**: the median over an image's patches of their distance to the first
   ``router_size`` memory patches of a candidate task (a defect is a minority of patches); that
@@ -44,11 +44,15 @@ def nearest_distances(x: torch.Tensor, bank: torch.Tensor, exclude: tuple[torch.
     """Euclidean distance ``(N,)`` of each row of ``x`` ``(N, C)`` to its nearest row of ``bank``.
 
     ``exclude=(x_group, bank_group)`` leaves out bank rows of the same group (e.g. the same image).
+    The nearest row is found with one matrix product; its distance is then taken from the
+    difference itself (:func:`row_distance`), which stays exact to rounding for a patch at or
+    near a memory patch, where the expanded ``|x|^2 - 2 x.b + |b|^2`` leaves only rounding noise.
     """
     bank_sq = (bank**2).sum(1)
     if exclude is None and (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()):
         # one product in an exported graph: a Python loop over rows would fix the batch size
-        return ((x**2).sum(1, keepdim=True) - 2 * x @ bank.T + bank_sq).min(dim=1).values.clamp_min(0).sqrt()
+        nearest = ((x**2).sum(1, keepdim=True) - 2 * x @ bank.T + bank_sq).argmin(dim=1)
+        return row_distance(x, bank[nearest])
     out = x.new_empty(len(x))
     for start in range(0, len(x), chunk):
         rows = x[start : start + chunk]
@@ -56,8 +60,13 @@ def nearest_distances(x: torch.Tensor, bank: torch.Tensor, exclude: tuple[torch.
         if exclude is not None:
             same = exclude[0][start : start + chunk, None] == exclude[1][None]
             squared = squared.masked_fill(same, float("inf"))
-        out[start : start + len(rows)] = squared.min(dim=1).values.clamp_min(0).sqrt()
+        out[start : start + len(rows)] = row_distance(rows, bank[squared.argmin(dim=1)])
     return out
+
+
+def row_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance between matching rows of ``x`` and ``y`` ``(..., C)``, shape ``(...)``."""
+    return (x - y).square().sum(dim=-1).sqrt()
 
 
 def _sorted_sample(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -77,14 +86,59 @@ loses the ranking among them); a steep rise lets one evidence outweigh the other
 
 def surprisal(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """``-log P(X >= value)`` under the training distribution ``reference`` (sorted, ``n`` values,
-    ``+1`` so it stays finite); beyond its largest value it grows by :data:`BEYOND_SLOPE` per
+    ``+1`` so it stays finite), the count of training values below ``value`` interpolated linearly
+    between consecutive distinct training values (:func:`interpolated_count`), so that the
+    surprisal is continuous; beyond the largest value it grows by :data:`BEYOND_SLOPE` per
     ``max - median`` of the reference."""
-    n = len(reference)
-    # a count of smaller reference values (what searchsorted gives; this form also exports to ONNX)
-    below = (reference < values[..., None]).sum(dim=-1)
-    empirical = -torch.log((n - below + 1).to(values.dtype) / (n + 1))
-    top = reference[-1]
-    spread = (top - reference[n // 2]).clamp_min(1e-12)
+    count = interpolated_count(values.reshape(1, -1), reference[None]).view(values.shape)
+    return surprisal_of_count(values, count, reference[-1], reference[len(reference) // 2], len(reference))
+
+
+def _count_below(reference: torch.Tensor, values: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
+    """Count ``(B, N)`` of the values of each sorted row of ``reference (B, R)`` that are ``<`` (or
+    ``<=``) ``values (B, N)``: ``searchsorted``, or in an exported graph the same count as a sum of
+    comparisons (operators every runtime has)."""
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        compared = reference[:, None, :] <= values[..., None] if inclusive else reference[:, None, :] < values[..., None]
+        return compared.sum(dim=-1)
+    return torch.searchsorted(reference.contiguous(), values.contiguous(), right=inclusive)
+
+
+def interpolated_count(values: torch.Tensor, reference: torch.Tensor, upper: torch.Tensor | None = None) -> torch.Tensor:
+    """Continuous count ``(B, N)`` of the training values below ``values (B, N)`` under each row's
+    sorted ``reference (B, R)``; ``upper (B, R)``, if given, is :func:`upper_counts` of ``reference``
+    (it spares a second search).
+
+    Between two consecutive distinct reference values ``a < b`` (``b`` repeated up to index
+    ``upper - 1``) it rises linearly from ``below`` to ``upper``, the count of values ``<= b``; at
+    or under the smallest reference value it is that value's count; beyond the largest, ``R``.
+    A plain count jumps by the number of repeats of a value (the reference repeats values when
+    training had fewer patches than it keeps), so float rounding alone (another runtime, another
+    batch size) could move a surprisal by up to ``log(repeats + 1)`` where a patch scores within
+    rounding of a training value, as on the training images themselves; this count moves only
+    as much as the value does.
+    """
+    n = reference.shape[-1]
+    below = _count_below(reference, values)  # reference values < value
+    index = below.clamp(max=n - 1)
+    high = reference.gather(1, index)  # the smallest reference value >= value
+    low = reference.gather(1, (below - 1).clamp(min=0))  # the largest one < value (where below > 0)
+    upper = _count_below(reference, high, inclusive=True) if upper is None else upper.gather(1, index)
+    fraction = ((values - low) / (high - low).clamp_min(torch.finfo(values.dtype).tiny)).clamp(0, 1)
+    count = below + fraction * (upper - below)
+    count = torch.where(below == 0, upper.to(count.dtype), count)
+    return torch.where(below >= n, torch.full_like(count, n), count)
+
+
+def upper_counts(reference: torch.Tensor) -> torch.Tensor:
+    """Count ``(B, R)`` of the values of each sorted row of ``reference (B, R)`` that are ``<=`` each of its values."""
+    return torch.searchsorted(reference.contiguous(), reference.contiguous(), right=True)
+
+
+def surprisal_of_count(values: torch.Tensor, count: torch.Tensor, top: torch.Tensor, median: torch.Tensor, n: int) -> torch.Tensor:
+    """``-log((n - count + 1) / (n + 1))``, plus :data:`BEYOND_SLOPE` per ``top - median`` beyond ``top``."""
+    empirical = -torch.log((n - count + 1).to(values.dtype) / (n + 1))
+    spread = (top - median).clamp_min(1e-12)
     return torch.where(values > top, empirical + BEYOND_SLOPE * (values - top) / spread, empirical)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import fields
 from typing import Any
 
@@ -12,6 +13,8 @@ import pytest
 
 from anomalib_moleflow.models.moleflow.config import (
     FIELD_GROUPS,
+    MS_CONTEXT_DROPPED,
+    MS_CONTEXT_FORCED,
     ExpertConfig,
     FeatureConfig,
     FlowConfig,
@@ -89,8 +92,11 @@ BAD_VALUES = [
     ("experts", "dia_n_blocks", 0, "be >= 1"),
     ("experts", "whitening_gamma_range", (1.2, 2.0), "satisfy 0 < low < 1 < high"),
     ("experts", "whitening_gamma_range", (0.5, 0.9), "satisfy 0 < low < 1 < high"),
-    ("experts", "input_adapter", "bogus", "be one of 'whitening', 'film', 'none'"),
+    ("experts", "input_adapter", "bogus", "be one of 'whitening', 'film', 'instance_norm_mlp', 'none'"),
+    ("flow", "ms_context_kind", "per_task", "be one of 'shared', 'task_conditioned'"),
     ("experts", "lora_scaling", "alpha", "be one of"),
+    ("experts", "lora_kind", "positional", "be one of 'standard', 'spatial_contextual'"),
+    ("experts", "sc_lora_grid_size", 0, "be >= 1"),
     ("loss", "tail_weight", 1.5, "be in [0, 1]"),
     ("loss", "tail_weight", -0.1, "be in [0, 1]"),
     ("loss", "tail_top_ratio", 0.0, "be in (0, 1]"),
@@ -142,6 +148,72 @@ def test_whitening_plus_ms_context_drops_ms_context() -> None:
     for adapter in ("none", "film"):
         cfg = MoLEFlowConfig.from_dict({"flow": {"use_ms_context": True}, "experts": {"input_adapter": adapter}})
         assert cfg.effective_ms_context
+
+
+def test_force_ms_context_keeps_it_with_whitening_and_warns_of_the_collapse() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dropped = MoLEFlowConfig.from_dict({"flow": {"use_ms_context": True}})
+        forced = MoLEFlowConfig.from_dict({"flow": {"use_ms_context": True, "force_ms_context": True}})
+    assert [str(w.message) for w in caught] == [MS_CONTEXT_DROPPED, MS_CONTEXT_FORCED]
+    assert "force_ms_context" in MS_CONTEXT_FORCED and "collapse" in MS_CONTEXT_FORCED and "0.4471" in MS_CONTEXT_FORCED
+    assert not dropped.effective_ms_context and forced.effective_ms_context
+    assert not MoLEFlowConfig().flow.force_ms_context
+    assert MoLEFlowConfig.from_dict(forced.to_dict()) == forced
+    with warnings.catch_warnings(record=True) as caught:  # no conflict with FiLM: no warning, nothing changes
+        warnings.simplefilter("always")
+        film = MoLEFlowConfig.from_dict({"flow": {"use_ms_context": True, "force_ms_context": True}, "experts": {"input_adapter": "film"}})
+    assert film.effective_ms_context and not caught
+
+
+DEPENDENT_BAD_VALUES = [
+    ({"force_ms_context": True}, "flow.force_ms_context", "go with flow.use_ms_context=True"),
+    ({"ms_context_kind": "task_conditioned"}, "flow.ms_context_kind", "be 'shared' unless flow.use_ms_context=True"),
+    ({"use_neighborhood_context": True, "use_context": False}, "flow.use_neighborhood_context", "go with flow.use_context=True"),
+    ({"use_neighborhood_context": True, "neighborhood_kernel": 4}, "flow.neighborhood_kernel", "be odd"),
+    ({"use_neighborhood_context": True, "neighborhood_kernel": 0}, "flow.neighborhood_kernel", "be >= 1"),
+    ({"use_neighborhood_context": True, "neighborhood_gate": 1.5}, "flow.neighborhood_gate", "be in [0, 1]"),
+    ({"use_patch_attention": True, "patch_attention_hidden": 0}, "flow.patch_attention_hidden", "be >= 1"),
+    ({"use_patch_attention": True, "patch_attention_dropout": 1.0}, "flow.patch_attention_dropout", "be in [0, 1)"),
+    ({"use_cpcf": True, "use_context": False}, "flow.use_cpcf", "go with flow.use_context=True"),
+    ({"use_cpcf": True, "use_context_gate": True}, "flow.use_cpcf", "go with flow.use_context_gate=False"),
+    ({"cpcf_use_attention": True}, "flow.cpcf_use_attention", "go with flow.use_cpcf=True"),
+    (
+        {"use_cpcf": True, "cpcf_use_attention": True, "use_neighborhood_context": True},
+        "flow.cpcf_use_attention",
+        "go with flow.use_neighborhood_context=False",
+    ),
+]
+
+
+def test_cpcf_and_sc_lora_options_and_their_defaults() -> None:
+    cfg = MoLEFlowConfig()
+    assert (cfg.flow.use_cpcf, cfg.flow.cpcf_use_attention) == (False, False)
+    assert (cfg.experts.lora_kind, cfg.experts.sc_lora_grid_size) == ("standard", 4)
+    on = MoLEFlowConfig.from_dict({
+        "flow": {"use_cpcf": True, "cpcf_use_attention": True},
+        "experts": {"lora_kind": "spatial_contextual", "sc_lora_grid_size": 1},
+    })
+    assert MoLEFlowConfig.from_dict(on.to_dict()) == on
+    assert MoLEFlowConfig.from_dict({"flow": {"use_cpcf": True, "use_neighborhood_context": True}}).flow.use_cpcf  # v4.1
+
+
+@pytest.mark.parametrize(("flow", "name", "requirement"), DEPENDENT_BAD_VALUES)
+def test_version_module_settings_are_checked_when_their_module_is_on(flow: dict[str, Any], name: str, requirement: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"MoLEFlowConfig.{name} must {requirement}")):
+        MoLEFlowConfig.from_dict({"flow": flow})
+
+
+def test_version_module_options_and_their_defaults() -> None:
+    flow = MoLEFlowConfig().flow
+    assert (flow.ms_context_kind, flow.use_neighborhood_context, flow.use_patch_attention) == ("shared", False, False)
+    assert (flow.neighborhood_gate, flow.neighborhood_kernel, flow.patch_attention_hidden) == (0.3, 3, 256)  # v4.1, v6
+    cfg = MoLEFlowConfig.from_dict({
+        "flow": {"use_ms_context": True, "ms_context_kind": "task_conditioned", "use_neighborhood_context": True, "use_patch_attention": True},
+        "experts": {"input_adapter": "instance_norm_mlp"},
+    })
+    assert cfg.effective_ms_context and cfg.experts.input_adapter == "instance_norm_mlp"
+    assert MoLEFlowConfig.from_dict(cfg.to_dict()) == cfg
 
 
 # ----------------------------------------------------------------------------- dict forms

@@ -151,6 +151,38 @@ def expected_rows(expected: Any, rows: slice) -> Any:
     return type(expected)(*(None if v is None else v[rows] for v in expected), pred_task=expected.pred_task[rows])
 
 
+@NEEDS_ONNX
+def test_onnx_runtime_gives_pytorchs_raw_scores_on_the_training_images(
+    two_products: tuple[MoLEFlow, torch.Tensor], product_images: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raw scores (not normalised, so not clamped to [0, 1]) of the graph match PyTorch's on the
+    products' own training images: their patch scores are the patch memory's reference values and
+    their patches are in the memory, so the surprisal and the memory distance there have to move
+    no more than their inputs do when another runtime rounds differently."""
+    import onnxruntime as ort
+
+    module, _ = two_products
+    model = module.model
+    monkeypatch.setattr(module, "post_processor", None)  # the graph outputs the raw scores
+    train = [product_images(style, 6, seed=20 + index, size=80)[0] for index, style in enumerate(STYLES)]  # the fixture's
+    images = torch.stack([t[i] for i in range(6) for t in train])
+    with torch.no_grad(), model.raw_scores():
+        expected = model.predict_features(model.extract_features(module.prepare_images(images)))
+        path = module.to_onnx(tmp_path, input_size=images.shape[-2:])
+    assert set(expected.pred_task.tolist()) == {0, 1}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True))
+    assert outputs["pred_task"].tolist() == expected.pred_task.tolist()
+    amap = torch.from_numpy(outputs["anomaly_map"])
+    spread = (expected.anomaly_map.max() - expected.anomaly_map.min()).item()
+    assert spread > 1.0 and expected.anomaly_map.max() > 1.0  # raw: beyond the normalised range
+    assert (amap - expected.anomaly_map).abs().max().item() <= 2e-3 * spread
+    # the image score sums z-scores against six training images, whose small spread magnifies the
+    # backbone's rounding (about 1e-6 between the runtimes) some hundred times
+    score = torch.from_numpy(outputs["pred_score"])
+    assert torch.allclose(score, expected.pred_score, rtol=1e-3, atol=1e-3)
+
+
 def test_the_graph_needs_an_expert_and_labels_need_a_post_processor(tmp_path: Path) -> None:
     module = MoLEFlow(config=tiny_config(), evaluator=False, visualizer=False)
     with pytest.raises(ValueError, match="no task expert"):
@@ -164,3 +196,68 @@ def test_the_graph_needs_an_expert_and_labels_need_a_post_processor(tmp_path: Pa
         assert len(graph(torch.rand(1, 3, 64, 64))) == 3
     with pytest.raises(ValueError, match="holds no MoLE-Flow product names"):
         product_names(tmp_path / "model.txt")
+
+
+@NEEDS_ONNX
+def test_the_version_modules_export_to_onnx(tmp_path: Path) -> None:
+    """v1/v2 adapter, task-conditioned multi-scale context, v6 patch attention and v4.1's fixed
+    context go through the exported graph: ONNX Runtime gives PyTorch's scores."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    config = tiny_config(**{
+        "experts.input_adapter": "instance_norm_mlp", "flow.use_ms_context": True, "flow.ms_context_kind": "task_conditioned",
+        "flow.use_patch_attention": True, "flow.patch_attention_hidden": 16, "flow.use_neighborhood_context": True,
+    })  # fmt: skip
+    module = MoLEFlow(config=config, evaluator=False, visualizer=False)
+    for style in STYLES:
+        key = module.model.add_task(style)
+        for param in module.model.expert_parameters(key):
+            param.data.add_(0.05 * torch.randn_like(param))
+    module.eval()
+    images = torch.rand(3, 3, 64, 64)
+    graph = ExportGraph(module).eval()
+    with torch.no_grad():
+        expected = dict(zip(graph.output_names, graph(images), strict=True))
+    path = module.to_onnx(tmp_path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True))
+    assert outputs["pred_task"].tolist() == [1, 1, 1]  # the active expert, the one with an adapter
+    for name in ("pred_score", "anomaly_map"):
+        assert torch.allclose(torch.from_numpy(outputs[name]), expected[name], rtol=1e-4, atol=1e-4), name
+
+
+@NEEDS_ONNX
+def test_sc_lora_and_cpcf_attention_export_to_onnx(tmp_path: Path) -> None:
+    """v4's SC-LoRA grids and CPCF's neighbourhood attention go through the exported graph: ONNX
+    Runtime routes and scores as PyTorch does."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    config = tiny_config(**{
+        "experts.lora_kind": "spatial_contextual", "experts.sc_lora_grid_size": 3, "flow.use_cpcf": True,
+        "flow.cpcf_use_attention": True, "flow.context_kernel": 3,
+    })  # fmt: skip
+    module = MoLEFlow(config=config, evaluator=False, visualizer=False)
+    for style in STYLES:
+        key = module.model.add_task(style)
+        for param in module.model.expert_parameters(key):
+            param.data.add_(0.05 * torch.randn_like(param))
+    for subnet in module.model.flow.subnets():
+        torch.nn.init.normal_(subnet.context_conv.query.weight, std=0.3)  # attention away from the plain mean
+    module.eval()
+    images = torch.rand(3, 3, 64, 64)
+    graph = ExportGraph(module).eval()
+    assert graph.stacked.spatial_flow_layers  # the SC-LoRA grids are stacked for the graph
+    with torch.no_grad():
+        expected = dict(zip(graph.output_names, graph(images), strict=True))
+        module.model.set_task("0")
+        other = ExportGraph(module).eval()(images)[0]
+        module.model.set_task("1")
+    assert not torch.allclose(other, expected["pred_score"])  # the two experts score differently
+    path = module.to_onnx(tmp_path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True))
+    assert outputs["pred_task"].tolist() == [1, 1, 1]
+    for name in ("pred_score", "anomaly_map"):
+        assert torch.allclose(torch.from_numpy(outputs[name]), expected[name], rtol=1e-4, atol=1e-4), name

@@ -76,8 +76,21 @@ def _both_paths(model: MoLEFlowModel, features: torch.Tensor) -> tuple[RoutedInf
         {"experts.input_adapter": "film", "experts.use_dia": False, "scoring.patch_memory_size": 0, "routing.router": "prototype"},
         {"routing.unknown_threshold": 1.0},
         {"routing.router": "prototype", "routing.unknown_threshold": 10.0},
+        {"experts.lora_kind": "spatial_contextual", "flow.use_cpcf": True, "routing.router": "hybrid"},
+        {"experts.lora_kind": "spatial_contextual", "experts.lora_on_task0": False, "flow.use_cpcf": True, "flow.cpcf_use_attention": True},
+        {
+            "experts.input_adapter": "instance_norm_mlp",  # v1/v2: task 0 has no adapter
+            "flow.use_ms_context": True,
+            "flow.ms_context_kind": "task_conditioned",
+            "flow.use_patch_attention": True,
+            "flow.patch_attention_hidden": 16,
+            "flow.use_neighborhood_context": True,
+        },
     ],
-    ids=["memory", "hybrid", "prototype", "film-no-dia-no-memory", "memory-unknown", "prototype-unknown"],
+    ids=[
+        "memory", "hybrid", "prototype", "film-no-dia-no-memory", "memory-unknown", "prototype-unknown", "sc-lora-cpcf-hybrid",
+        "sc-lora-cpcf-attention", "v1-adapter-task-ms-context-attention-fixed-context",
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 def test_a_mixed_batch_scores_as_the_per_expert_loop(

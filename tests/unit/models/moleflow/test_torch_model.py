@@ -23,6 +23,7 @@ from anomalib_moleflow.models.moleflow import (
 )
 from anomalib_moleflow.models.moleflow.experts import WhiteningAdapter
 from anomalib_moleflow.models.moleflow.experts.dia import SimpleSubnet
+from anomalib_moleflow.models.moleflow.flow import LightweightMSContext
 from anomalib_moleflow.models.moleflow.gaussian import pool_features
 from anomalib_moleflow.models.moleflow.loss import MoLEFlowLoss, patch_nll
 from anomalib_moleflow.models.moleflow.routing import UNKNOWN, TaskRouter
@@ -214,6 +215,77 @@ def test_optional_parts_follow_the_config(make_model: ModelFactory) -> None:
     assert ms.ms_context is not None
 
 
+def _one_step_loss(model: MoLEFlowModel, key: str, features: torch.Tensor) -> torch.Tensor:
+    """Loss of one AdamW step on ``key`` (the real loss), taken after the step's backward pass."""
+    params = model.prepare_task_training(key)
+    loss_fn = MoLEFlowLoss(tail_weight=model.config.loss.tail_weight, logdet_reg=model.config.loss.logdet_reg)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    z, log_jac_det = model.flow_forward(features, key)
+    loss = loss_fn(z, log_jac_det)[0] + model.regularization(key)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    model.eval()
+    return loss.detach()
+
+
+def test_forced_ms_context_is_built_with_whitening_and_trains(make_model: ModelFactory, features: torch.Tensor) -> None:
+    """``flow.force_ms_context``: the notes' "All V3 (conflict)" configuration, whitening and MS context together."""
+    with pytest.warns(UserWarning, match="force_ms_context"):
+        model = make_model(**{"flow.use_ms_context": True, "flow.force_ms_context": True})
+    assert isinstance(model.input_adapters["0"], WhiteningAdapter)
+    assert isinstance(model.ms_context, LightweightMSContext)
+    ms_params = _ids(list(model.ms_context.parameters()))
+    assert ms_params <= _ids(model.trainable_parameters("0"))
+    before = [p.detach().clone() for p in model.ms_context.parameters()]
+    loss = _one_step_loss(model, "0", features)
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.ms_context.parameters(), strict=True))  # it trained
+    assert torch.isfinite(_scores(model, features, "0").pred_score).all()
+    with pytest.warns(UserWarning, match="multi-scale context is dropped"):
+        assert make_model(**{"flow.use_ms_context": True}).ms_context is None  # without the flag: dropped
+
+
+def test_without_task_bias_no_bias_parameters_exist_and_a_task_trains(make_model: ModelFactory, features: torch.Tensor) -> None:
+    model = make_model(**{"experts.use_task_bias": False})
+    model.add_task()
+    layers = list(model.flow.lora_layers())
+    assert layers and all(len(layer.task_bias) == 0 for layer in layers)
+    assert all(set(layer.lora_A) == {"0", "1"} for layer in layers)  # the LoRA experts are still there
+    assert not [name for name in model.state_dict() if "task_bias" in name]
+    assert "task_bias" not in " ".join(_names(model, model.expert_parameters("1")))
+    with_bias = make_model()
+    assert [name for name in with_bias.state_dict() if "task_bias" in name]  # the default does have them
+    assert sum(p.numel() for p in with_bias.expert_parameters("0")) > sum(p.numel() for p in model.expert_parameters("0"))
+    _train(model, "1", features)
+    batch = _scores(model, features, "1")
+    assert torch.isfinite(batch.pred_score).all() and torch.isfinite(batch.anomaly_map).all()
+
+
+def test_without_lora_on_task0_task0_trains_the_base_and_task1_gets_lora(make_model: ModelFactory, features: torch.Tensor) -> None:
+    """v1: task 0 is the base flow (no LoRA of its own); later tasks get LoRA, and leave task 0 unchanged."""
+    model = make_model(**{"experts.lora_on_task0": False})
+    layers = list(model.flow.lora_layers())
+    assert all(len(layer.lora_A) == 0 and len(layer.lora_B) == 0 for layer in layers)
+    task0 = _names(model, model.trainable_parameters("0"))
+    assert not [n for n in task0 if "lora_" in n]
+    assert _ids(model.shared_parameters()["base"]) <= _ids(model.trainable_parameters("0"))
+    base_before = [p.detach().clone() for p in model.shared_parameters()["base"]]
+    _train(model, "0", features)
+    assert any(not torch.equal(a, p) for a, p in zip(base_before, model.shared_parameters()["base"], strict=True))
+    model.add_task()
+    assert all(set(layer.lora_A) == {"1"} and set(layer.lora_B) == {"1"} for layer in layers)
+    lora1 = [n for n in _names(model, model.trainable_parameters("1")) if "lora_" in n]
+    assert len(lora1) == 2 * len(layers)
+    before = _scores(model, features, "0")
+    _train(model, "1", features, steps=4)
+    after = _scores(model, features, "0")
+    assert torch.equal(after.pred_score, before.pred_score)
+    assert torch.equal(after.anomaly_map, before.anomaly_map)
+    assert not torch.equal(_scores(model, features, "1").pred_score, after.pred_score)
+
+
 def test_flow_forward_through_another_expert_keeps_the_active_one(make_model: ModelFactory, features: torch.Tensor) -> None:
     model = make_model()
     _train(model, "0", features)
@@ -310,8 +382,16 @@ def _groups(model: MoLEFlowModel) -> dict[str, set[int]]:
     return groups
 
 
-def test_parameter_groups_partition_the_trainable_model(make_model: ModelFactory) -> None:
-    model = make_model()
+VERSION_MODULES = {
+    "experts.input_adapter": "instance_norm_mlp", "flow.use_ms_context": True, "flow.ms_context_kind": "task_conditioned",
+    "flow.use_patch_attention": True, "flow.patch_attention_hidden": 16, "flow.use_neighborhood_context": True,
+}  # fmt: skip
+"""The optional modules of v1/v2, V3, v4.1 and v6 together."""
+
+
+@pytest.mark.parametrize("overrides", [{}, VERSION_MODULES], ids=["default", "version-modules"])
+def test_parameter_groups_partition_the_trainable_model(make_model: ModelFactory, overrides: dict[str, Any]) -> None:
+    model = make_model(**overrides)
     model.add_task()
     groups = _groups(model)
     assert all(groups.values()), {k: len(v) for k, v in groups.items()}
@@ -383,8 +463,9 @@ def _frozen_state(model: MoLEFlowModel, key: str) -> dict[str, torch.Tensor]:
     }
 
 
-def test_training_task1_leaves_task0_bit_identical(make_model: ModelFactory, features: torch.Tensor) -> None:
-    model = make_model()
+@pytest.mark.parametrize("overrides", [{}, VERSION_MODULES], ids=["default", "version-modules"])
+def test_training_task1_leaves_task0_bit_identical(make_model: ModelFactory, features: torch.Tensor, overrides: dict[str, Any]) -> None:
+    model = make_model(**overrides)
     _train(model, "0", features)
     model.fit_task_statistics("0", [features])  # task 0's statistics are frozen state as well
     model.add_task()

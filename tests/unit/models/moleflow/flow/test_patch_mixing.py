@@ -1,12 +1,17 @@
-"""Shared patch mixers before the flow: spatial mixer and multi-scale context."""
+"""Patch mixers before the flow: spatial mixer, multi-scale context, and the task-conditioned
+multi-scale context (its per-task conditions kept apart in the model)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from helpers import same_bits, tiny_config, train_task_steps
 
+from anomalib_moleflow.models.moleflow import MoLEFlowModel
 from anomalib_moleflow.models.moleflow.flow.patch_mixing import (
     LightweightMSContext,
     SpatialMixer,
+    TaskConditionedMSContext,
 )
 
 
@@ -55,3 +60,88 @@ def test_spatial_mixer_gradients_reach_kernel_and_gate() -> None:
     mixer(torch.rand(1, 4, 4, 3)).square().sum().backward()
     assert mixer.kernel_logits.grad is not None and mixer.gate.grad is not None
     assert mixer.gate.grad.abs().item() > 0
+
+
+# ----------------------------------------------------------------------------- task-conditioned
+def test_a_new_tasks_condition_gives_the_plain_multi_scale_context() -> None:
+    torch.manual_seed(0)
+    conditioned = TaskConditionedMSContext(4, dilations=(1, 2))
+    conditioned.add_task("0")
+    plain = LightweightMSContext(4, dilations=(1, 2))
+    plain.dilated_convs.load_state_dict(conditioned.dilated_convs.state_dict())
+    plain.fusion.load_state_dict(conditioned.fusion.state_dict())
+    x = torch.randn(2, 5, 5, 4)
+    torch.testing.assert_close(conditioned(x, "0"), plain(x))
+
+
+def test_each_tasks_condition_weights_scales_shifts_and_gates_its_context() -> None:
+    torch.manual_seed(0)
+    ctx = TaskConditionedMSContext(3, dilations=(1, 2))
+    ctx.add_task("0")
+    ctx.add_task("1")
+    c = ctx.conditions["1"]
+    with torch.no_grad():
+        c.branch_weights.copy_(torch.tensor([0.0, 2.0]))
+        c.gamma.fill_(3.0)
+        c.beta.fill_(-1.0)
+        c.gate.fill_(1.0)
+    x = torch.randn(2, 4, 4, 3)
+    spatial = x.permute(0, 3, 1, 2)
+    fused = ctx.fusion(torch.cat([0 * ctx.dilated_convs[0](spatial), 2 * ctx.dilated_convs[1](spatial)], dim=1))
+    expected = x + torch.sigmoid(torch.tensor(1.0)) * (3 * fused.permute(0, 2, 3, 1) - 1)
+    torch.testing.assert_close(ctx(x, "1"), expected)
+    assert not torch.allclose(ctx(x, "0"), ctx(x, "1"))
+    # explicit per-image conditions (the stacked path): image 0 under task 1, image 1 under task 0
+    stacked = [torch.stack([getattr(ctx.conditions[k], n) for k in ("1", "0")]) for n in ("branch_weights", "gamma", "beta", "gate")]
+    mixed = ctx.conditioned(x, *stacked)
+    torch.testing.assert_close(mixed[0], ctx(x, "1")[0])
+    torch.testing.assert_close(mixed[1], ctx(x, "0")[1])
+
+
+def test_shared_and_task_parameters_are_apart_and_keys_are_checked() -> None:
+    ctx = TaskConditionedMSContext(3, dilations=(1, 2, 4))
+    ctx.add_task("0")
+    ctx.add_task("1")
+    shared = {id(p) for p in ctx.shared_parameters()}
+    task0, task1 = ({id(p) for p in ctx.task_parameters(k)} for k in ("0", "1"))
+    assert len(task0) == 4 and not (shared & task0) and not (task0 & task1)
+    assert shared | task0 | task1 == {id(p) for p in ctx.parameters()}
+    assert ctx.task_parameters("7") == []
+    with pytest.raises(KeyError, match="already has a condition for task '0'"):
+        ctx.add_task("0")
+    with pytest.raises(KeyError, match="no condition for task '5'"):
+        ctx(torch.randn(1, 2, 2, 3), "5")
+    with pytest.raises(ValueError, match="at least one dilation"):
+        TaskConditionedMSContext(3, dilations=())
+
+
+def test_in_the_model_each_task_trains_its_condition_alone(tiny_features: torch.Tensor) -> None:
+    """Complete separation: task 1's training leaves task 0's condition, the shared convs and
+    task 0's output bit-identical, and the state dict recreates every task's condition."""
+    torch.manual_seed(0)
+    config = tiny_config(**{"experts.input_adapter": "film", "flow.use_ms_context": True, "flow.ms_context_kind": "task_conditioned"})
+    model = MoLEFlowModel(config)
+    model.add_task()
+    ctx = model.ms_context
+    assert isinstance(ctx, TaskConditionedMSContext)
+    assert {id(p) for p in ctx.task_parameters("0")} <= {id(p) for p in model.expert_parameters("0")}
+    assert {id(p) for p in ctx.shared_parameters()} <= {id(p) for p in model.shared_parameters()["mixer"]}
+    train_task_steps(model, "0", tiny_features)
+    model.add_task()
+    kept = {n: t.clone() for n, t in ctx.state_dict().items() if not n.startswith("conditions.1.")}
+    assert any(n.startswith("conditions.0.") for n in kept) and any(n.startswith("fusion.") for n in kept)
+    with torch.no_grad():
+        before = model.flow_forward(tiny_features, "0")
+    condition1 = [p.detach().clone() for p in ctx.task_parameters("1")]
+    train_task_steps(model, "1", tiny_features, steps=4)
+    state = ctx.state_dict()
+    assert [n for n, t in kept.items() if not same_bits(state[n], t)] == []  # task 0's condition and the shared convs
+    assert any(not torch.equal(b, p) for b, p in zip(condition1, ctx.task_parameters("1"), strict=True))
+    with torch.no_grad():
+        after = model.flow_forward(tiny_features, "0")
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    fresh = MoLEFlowModel(config)
+    fresh.load_state_dict(model.state_dict())
+    assert list(fresh.ms_context.conditions) == ["0", "1"]
+    with torch.no_grad():
+        assert torch.equal(fresh.flow_forward(tiny_features, "1")[0], model.flow_forward(tiny_features, "1")[0])

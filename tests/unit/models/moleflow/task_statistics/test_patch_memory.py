@@ -4,6 +4,7 @@ fitting and state dicts, on synthetic patch features."""
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -44,15 +45,47 @@ def test_nearest_distances_match_brute_force_and_exclusion() -> None:
 
 def test_surprisal_is_monotone_finite_and_grows_slowly_beyond_training() -> None:
     reference = torch.arange(1.0, 101.0)  # 1..100
-    values = torch.tensor([-5.0, 1.0, 50.0, 100.0, 101.0, 200.0])
+    values = torch.tensor([-5.0, 1.0, 50.0, 50.5, 100.0, 101.0, 200.0])
     s = surprisal(values, reference)
     assert torch.isfinite(s).all()
-    assert (s[1:] >= s[:-1]).all() and s[0] == 0.0
-    # 51 of the 100 reference values are at or above 50: (51 + 1) / (100 + 1)
-    assert s[2] == pytest.approx(-torch.log(torch.tensor(52 / 101)).item(), rel=1e-5)
-    cap = -torch.log(torch.tensor(1 / 101)).item()
+    assert (s[1:] >= s[:-1]).all()
+    # at or under the smallest training value: the count of values <= it, 1 of 100
+    floor = -math.log(100 / 101)
+    assert s[0].item() == pytest.approx(floor, rel=1e-5) and s[1].item() == pytest.approx(floor, rel=1e-5)
+    # 50 of the 100 reference values are at most 50: (100 - 50 + 1) / (100 + 1); half-way to 51, 50.5
+    assert s[2].item() == pytest.approx(-math.log(51 / 101), rel=1e-5)
+    assert s[3].item() == pytest.approx(-math.log(50.5 / 101), rel=1e-5)
+    cap = -math.log(1 / 101)
+    assert s[4].item() == pytest.approx(cap, rel=1e-5)  # the largest training value meets the rise beyond it
     spread = 100.0 - 51.0
-    assert s[5].item() == pytest.approx(cap + BEYOND_SLOPE * 100.0 / spread, rel=1e-5)
+    assert s[6].item() == pytest.approx(cap + BEYOND_SLOPE * 100.0 / spread, rel=1e-5)
+
+
+def test_surprisal_moves_only_as_much_as_its_input_at_repeated_training_values() -> None:
+    """The reference repeats values (training had fewer patches than it keeps): a score within
+    rounding of one of them, as on a training image, gets the surprisal of that value."""
+    reference = torch.arange(1.0, 101.0).repeat_interleave(5)  # 1..100, each 5 times
+    values = torch.arange(1.0, 101.0)
+    s = surprisal(values, reference)
+    for nudge in (1 + 1e-6, 1 - 1e-6):
+        assert (surprisal(values * nudge, reference) - s).abs().max() < 1e-3
+    # between training values the count rises linearly, to the repeats of the next one
+    assert surprisal(torch.tensor([50.5]), reference).item() == pytest.approx(-math.log((500 - 252.5 + 1) / 501), rel=1e-5)
+    fine = torch.linspace(0.0, 110.0, 5001)
+    assert (surprisal(fine, reference).diff() >= 0).all()
+
+
+def test_a_patch_of_the_memory_is_at_distance_zero() -> None:
+    """The distance comes from the difference to the nearest row: exact for a patch of the memory,
+    where ``|x|^2 - 2 x.b + |b|^2`` leaves only rounding noise (whose square root is far from 0)."""
+    g = torch.Generator().manual_seed(0)
+    bank = 20.0 + 3.0 * torch.randn(64, 152, generator=g)  # features far from the origin, as a backbone's
+    x = torch.cat([bank[:16], bank[:16] + 1e-3])
+    d = nearest_distances(x, bank)
+    assert torch.equal(d[:16], torch.zeros(16))
+    torch.testing.assert_close(d[16:], torch.full((16,), 1e-3 * 152**0.5), rtol=1e-2, atol=0)
+    excluded = nearest_distances(x, bank, exclude=(torch.zeros(32, dtype=torch.long), torch.ones(64, dtype=torch.long)))
+    assert torch.equal(excluded, d)
 
 
 def test_fit_fills_the_memory_and_references() -> None:

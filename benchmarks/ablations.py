@@ -264,8 +264,9 @@ def markdown(data: dict[str, Any]) -> str:
             header_line(meta),
             "",
             f"**Pending rows** ({', '.join(f'`{p}`' for p in pending)}) have not been run yet: `--merge --only NAME,...` "
-            "adds them to this table. Rows run by earlier commands: "
-            + "; ".join(f"`{c}`" for c in data.get("earlier_commands", [])) + ".",
+            "adds them to this table (every preset: hours on a 2-core CPU)."
+            + ("".join(f" Rows run by earlier commands: {'; '.join(f'`{c}`' for c in data['earlier_commands'])}.")
+               if data.get("earlier_commands") else ""),
         ]
     elif data.get("pending"):
         lines += [

@@ -301,6 +301,9 @@ class RoutingConfig:
     4.7% of the test images, the Euclidean top-2 for none (the real products: none with either)."""
     router_memory_size: int = 1024
     """Memory patches per task the ``memory`` router compares against (the first of the task's memory)."""
+    router_patch_quantile: float = 0.5
+    """``memory`` router: the quantile of an image's patch distances to a candidate's memory that is
+    its score (0.5: the median; lower quantiles leave larger defects out of the decision)."""
     unknown_threshold: float | None = None
     """Flag "unknown product" when the nearest prototype is farther than this multiple of the
     task's calibrated (99th-percentile) training distance; ``None`` = off."""
@@ -317,6 +320,8 @@ class RoutingConfig:
         _one_of("routing", "router", self.router, ("memory", "prototype", "hybrid", "none"))
         _one_of("routing", "prototype_metric", self.prototype_metric, ("auto", "mahalanobis", "euclidean"))
         _at_least_one("routing", self, ("router_top_k", "router_memory_size"))
+        if not 0.0 < self.router_patch_quantile <= 1.0:
+            _fail("routing.router_patch_quantile", "be in (0, 1]", self.router_patch_quantile)
 
 
 @dataclass

@@ -31,7 +31,13 @@ from .flow import TaskConditionedMSContext
 from .gaussian import pool_features
 from .loss import patch_nll
 from .routing import UNKNOWN
-from .task_statistics.patch_memory import interpolated_count, row_distance, surprisal_of_count, upper_counts
+from .task_statistics.patch_memory import (
+    interpolated_count,
+    patch_quantile,
+    row_distance,
+    surprisal_of_count,
+    upper_counts,
+)
 from .task_statistics.thresholds import THRESHOLD_NAMES
 
 if TYPE_CHECKING:
@@ -250,6 +256,7 @@ class StackedExperts(nn.Module):
         self.router_k = max(1, min(router.top_k, router.n_fitted)) if router.mode != "prototype" else 1
         self.unknown_threshold = router.unknown_threshold
         self.router_memory_size = model.patch_memory.router_size if model.patch_memory is not None else 0
+        self.router_quantile = model.patch_memory.router_quantile if model.patch_memory is not None else 0.5
 
     # ----------------------------------------------------------------- experts
     def _adapter(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
@@ -416,8 +423,7 @@ class StackedExperts(nn.Module):
         """Stage-2 routing score ``(B,)`` of each image under its candidate ``task (B,)`` (lower wins)."""
         if self.router_mode == "memory":
             distances = self.memory_distances(model, features, task, self.router_memory_size)
-            flat = distances.flatten(1)  # the lower median, as torch.median (which has no ONNX form)
-            return flat.sort(dim=1).values[:, (flat.shape[1] - 1) // 2]
+            return patch_quantile(distances.flatten(1), self.router_quantile)
         flow_nll = patch_nll(*self.flow_forward(model, features, task))
         return flow_nll.flatten(1).double().mean(dim=1)
 

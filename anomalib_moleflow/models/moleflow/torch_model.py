@@ -103,6 +103,7 @@ class MoLEFlowModel(nn.Module):
                 cfg.scoring.patch_memory_size,
                 top_k=cfg.scoring.score_top_k,
                 router_size=cfg.routing.router_memory_size,
+                router_quantile=cfg.routing.router_patch_quantile,
                 position_embedding=self.feature_extractor.position_embedding[0] if cfg.features.use_position_embedding else None,
             )
             if cfg.scoring.patch_memory_size > 0

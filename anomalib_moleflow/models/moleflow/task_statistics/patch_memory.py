@@ -10,13 +10,15 @@ without the memory, and the per-image mean of the ``top_k`` largest memory dista
   ``surprisal(x) = -log P(training patch score >= x)`` (interpolated between training values, so
   continuous): both evidences on one scale, without a weight to tune;
 * **image score**: ``weight * z(top-k memory distance)`` is added to the fused image score;
-* **routing**: the median over an image's patches of their distance to the first
-  ``router_size`` memory patches of a candidate task (a defect is a minority of patches); that
-  score over its 99th percentile on the task's training images tells an unknown product.
+* **routing**: a low quantile (``router_quantile``; the median by default) over an image's patches
+  of their distance to the first ``router_size`` memory patches of a candidate task (a defect is a
+  minority of patches, so it does not move a low quantile); that score over its 99th percentile on
+  the task's training images tells an unknown product.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -62,6 +64,16 @@ def nearest_distances(x: torch.Tensor, bank: torch.Tensor, exclude: tuple[torch.
             squared = squared.masked_fill(same, float("inf"))
         out[start : start + len(rows)] = row_distance(rows, bank[squared.argmin(dim=1)])
     return out
+
+
+def patch_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``ceil(q * n)``-th smallest of each row of ``values`` ``(B, n)``, shape ``(B,)``: for
+    ``q = 0.5`` the lower median, as ``torch.median`` gives it. A sort and an index, so that an
+    exported graph computes it exactly as eager PyTorch does (``median`` and ``quantile`` have no
+    ONNX form)."""
+    n = values.shape[1]
+    index = min(n, max(1, math.ceil(q * n))) - 1
+    return values.sort(dim=1).values[:, index]
 
 
 def row_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -150,6 +162,7 @@ class PatchMemory(TaskStatistics):
         size: Patches kept per task.
         top_k: Largest memory distances averaged into the image-level memory score.
         router_size: Memory patches the routing score compares against (the first of the memory).
+        router_quantile: Quantile of an image's patch distances that is its routing score.
         position_embedding: ``(H, W, C)`` embedding that the features carry, removed before matching.
         seed: Seed of the patch sampling (each task draws from its own generator).
     """
@@ -162,12 +175,14 @@ class PatchMemory(TaskStatistics):
         router_size: int | None = None,
         position_embedding: torch.Tensor | None = None,
         seed: int = 0,
+        router_quantile: float = 0.5,
     ) -> None:
         super().__init__()
         self.channels = channels
         self.size = size
         self.top_k = top_k
         self.router_size = min(router_size or size, size)
+        self.router_quantile = router_quantile
         self.seed = seed
         self.register_buffer("position_embedding", position_embedding, persistent=False)
 
@@ -203,7 +218,7 @@ class PatchMemory(TaskStatistics):
         bank, bank_image = flat[take], image[take]
         distances = nearest_distances(flat, bank, exclude=(image, bank_image)).view(patches.shape[:3])
         routing = nearest_distances(flat, bank[: self.router_size], exclude=(image, bank_image[: self.router_size]))
-        routing_scores = routing.view(n_images, -1).median(dim=1).values.double()
+        routing_scores = patch_quantile(routing.view(n_images, -1), self.router_quantile).double()
         map_values = torch.cat([map_scores(f) for f in chunks])
         image_scores = self._image_score(distances).double()
         self._store(
@@ -223,9 +238,9 @@ class PatchMemory(TaskStatistics):
         return nearest_distances(x.reshape(-1, self.channels), bank.to(x.dtype)).view(x.shape[:3])
 
     def routing_score(self, key: str, features: torch.Tensor) -> torch.Tensor:
-        """Median over each image's patches of their distance to task ``key``'s first ``router_size``
-        memory patches ``(B,)``: lower means more like that task."""
-        return self.distances(key, features, self.router_size).flatten(1).median(dim=1).values
+        """The ``router_quantile`` (median by default) over each image's patches of their distance to
+        task ``key``'s first ``router_size`` memory patches ``(B,)``: lower means more like that task."""
+        return patch_quantile(self.distances(key, features, self.router_size).flatten(1), self.router_quantile)
 
     def routing_calibration(self, key: str) -> float:
         """The 99th percentile of task ``key``'s training images' routing scores (each image's own

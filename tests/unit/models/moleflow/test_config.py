@@ -81,6 +81,8 @@ def test_sequences_are_stored_as_tuples() -> None:
 
 # ----------------------------------------------------------------------------- validation
 BAD_VALUES = [
+    ("routing", "router_patch_quantile", 0.0, "be in (0, 1]"),
+    ("routing", "router_patch_quantile", 1.5, "be in (0, 1]"),
     ("features", "image_size", 0, "be >= 1"),
     ("features", "feature_aggregation_kernel", 2, "be odd"),
     ("features", "grid_downsample", 0, "be >= 1"),

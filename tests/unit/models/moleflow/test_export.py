@@ -15,7 +15,7 @@ import torch
 from helpers import tiny_config
 from torch.nn import functional as F
 
-from anomalib_moleflow import MoLEFlow
+from anomalib_moleflow import MoLEFlow, MoLEFlowConfig
 from anomalib_moleflow.models.moleflow.export import (
     OUTPUT_NAMES,
     ExportGraph,
@@ -198,30 +198,40 @@ def test_the_graph_needs_an_expert_and_labels_need_a_post_processor(tmp_path: Pa
         product_names(tmp_path / "model.txt")
 
 
-@NEEDS_ONNX
-def test_the_version_modules_export_to_onnx(tmp_path: Path) -> None:
-    """v1/v2 adapter, task-conditioned multi-scale context, v6 patch attention and v4.1's fixed
-    context go through the exported graph: ONNX Runtime gives PyTorch's scores."""
-    import onnxruntime as ort
-
-    torch.manual_seed(0)
-    config = tiny_config(**{
-        "experts.input_adapter": "instance_norm_mlp", "flow.use_ms_context": True, "flow.ms_context_kind": "task_conditioned",
-        "flow.use_patch_attention": True, "flow.patch_attention_hidden": 16, "flow.use_neighborhood_context": True,
-    })  # fmt: skip
+def _two_perturbed_experts(config: MoLEFlowConfig) -> MoLEFlow:
+    """A module with one expert per style, its expert parameters moved off their identity start."""
     module = MoLEFlow(config=config, evaluator=False, visualizer=False)
     for style in STYLES:
         key = module.model.add_task(style)
         for param in module.model.expert_parameters(key):
             param.data.add_(0.05 * torch.randn_like(param))
+    return module
+
+
+def _onnx_runtime_outputs(module: MoLEFlow, images: torch.Tensor, folder: Path) -> dict[str, np.ndarray]:
+    """The exported graph's outputs by name, from ONNX Runtime."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(module.to_onnx(folder)), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True))
+
+
+@NEEDS_ONNX
+def test_the_version_modules_export_to_onnx(tmp_path: Path) -> None:
+    """v1/v2 adapter, task-conditioned multi-scale context, v6 patch attention and v4.1's fixed
+    context go through the exported graph: ONNX Runtime gives PyTorch's scores."""
+    torch.manual_seed(0)
+    config = tiny_config(**{
+        "experts.input_adapter": "instance_norm_mlp", "flow.use_ms_context": True, "flow.ms_context_kind": "task_conditioned",
+        "flow.use_patch_attention": True, "flow.patch_attention_hidden": 16, "flow.use_neighborhood_context": True,
+    })  # fmt: skip
+    module = _two_perturbed_experts(config)
     module.eval()
     images = torch.rand(3, 3, 64, 64)
     graph = ExportGraph(module).eval()
     with torch.no_grad():
         expected = dict(zip(graph.output_names, graph(images), strict=True))
-    path = module.to_onnx(tmp_path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True))
+    outputs = _onnx_runtime_outputs(module, images, tmp_path)
     assert outputs["pred_task"].tolist() == [1, 1, 1]  # the active expert, the one with an adapter
     for name in ("pred_score", "anomaly_map"):
         assert torch.allclose(torch.from_numpy(outputs[name]), expected[name], rtol=1e-4, atol=1e-4), name
@@ -231,18 +241,12 @@ def test_the_version_modules_export_to_onnx(tmp_path: Path) -> None:
 def test_sc_lora_and_cpcf_attention_export_to_onnx(tmp_path: Path) -> None:
     """v4's SC-LoRA grids and CPCF's neighbourhood attention go through the exported graph: ONNX
     Runtime routes and scores as PyTorch does."""
-    import onnxruntime as ort
-
     torch.manual_seed(0)
     config = tiny_config(**{
         "experts.lora_kind": "spatial_contextual", "experts.sc_lora_grid_size": 3, "flow.use_cpcf": True,
         "flow.cpcf_use_attention": True, "flow.context_kernel": 3,
     })  # fmt: skip
-    module = MoLEFlow(config=config, evaluator=False, visualizer=False)
-    for style in STYLES:
-        key = module.model.add_task(style)
-        for param in module.model.expert_parameters(key):
-            param.data.add_(0.05 * torch.randn_like(param))
+    module = _two_perturbed_experts(config)
     for subnet in module.model.flow.subnets():
         torch.nn.init.normal_(subnet.context_conv.query.weight, std=0.3)  # attention away from the plain mean
     module.eval()
@@ -255,9 +259,7 @@ def test_sc_lora_and_cpcf_attention_export_to_onnx(tmp_path: Path) -> None:
         other = ExportGraph(module).eval()(images)[0]
         module.model.set_task("1")
     assert not torch.allclose(other, expected["pred_score"])  # the two experts score differently
-    path = module.to_onnx(tmp_path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True))
+    outputs = _onnx_runtime_outputs(module, images, tmp_path)
     assert outputs["pred_task"].tolist() == [1, 1, 1]
     for name in ("pred_score", "anomaly_map"):
         assert torch.allclose(torch.from_numpy(outputs[name]), expected[name], rtol=1e-4, atol=1e-4), name

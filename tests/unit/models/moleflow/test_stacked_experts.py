@@ -75,6 +75,7 @@ def _both_paths(model: MoLEFlowModel, features: torch.Tensor) -> tuple[RoutedInf
         {"routing.router": "prototype", "routing.prototype_metric": "mahalanobis"},
         {"experts.input_adapter": "film", "experts.use_dia": False, "scoring.patch_memory_size": 0, "routing.router": "prototype"},
         {"routing.unknown_threshold": 1.0},
+        {"routing.router_patch_quantile": 0.25, "routing.unknown_threshold": 1.0},
         {"routing.router": "prototype", "routing.unknown_threshold": 10.0},
         {"experts.lora_kind": "spatial_contextual", "flow.use_cpcf": True, "routing.router": "hybrid"},
         {"experts.lora_kind": "spatial_contextual", "experts.lora_on_task0": False, "flow.use_cpcf": True, "flow.cpcf_use_attention": True},
@@ -88,7 +89,7 @@ def _both_paths(model: MoLEFlowModel, features: torch.Tensor) -> tuple[RoutedInf
         },
     ],
     ids=[
-        "memory", "hybrid", "prototype", "film-no-dia-no-memory", "memory-unknown", "prototype-unknown", "sc-lora-cpcf-hybrid",
+        "memory", "hybrid", "prototype", "film-no-dia-no-memory", "memory-unknown", "memory-quartile-unknown", "prototype-unknown", "sc-lora-cpcf-hybrid",
         "sc-lora-cpcf-attention", "v1-adapter-task-ms-context-attention-fixed-context",
     ],  # fmt: skip
 )

@@ -157,3 +157,31 @@ def test_too_few_images_is_an_error_naming_the_task() -> None:
     memory = PatchMemory(C, 8)
     with pytest.raises(ValueError, match="task '3'"):
         memory.fit("3", [_features(1, 0)], lambda f: f[..., 0])
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 255, 256])
+def test_patch_quantile_at_one_half_is_torch_median_and_lower_quantiles_ignore_a_large_minority(n: int) -> None:
+    from anomalib_moleflow.models.moleflow.task_statistics.patch_memory import patch_quantile
+
+    values = torch.randn(5, n, generator=torch.Generator().manual_seed(n))
+    assert torch.equal(patch_quantile(values, 0.5), values.median(dim=1).values)
+    assert torch.equal(patch_quantile(values, 1.0), values.max(dim=1).values)
+    if n >= 64:  # 40% of the patches far off ("a large defect"): the lower quartile does not move
+        moved = values.clone()
+        order = values.argsort(dim=1, descending=True)[:, : int(0.4 * n)]
+        moved.scatter_(1, order, 100.0)
+        assert torch.equal(patch_quantile(moved, 0.25), patch_quantile(values, 0.25))
+        assert not torch.equal(patch_quantile(moved, 0.75), patch_quantile(values, 0.75))
+
+
+def test_router_quantile_sets_the_routing_score_and_its_calibration() -> None:
+    torch.manual_seed(0)
+    train = [torch.randn(6, 4, 4, 3)]
+    median, quartile = PatchMemory(3, 32, router_quantile=0.5), PatchMemory(3, 32, router_quantile=0.25)
+    for memory in (median, quartile):
+        memory.fit("0", train, lambda f: f.sum(-1))
+    x = torch.randn(2, 4, 4, 3)
+    d = median.distances("0", x, median.router_size).flatten(1)
+    assert torch.equal(median.routing_score("0", x), d.median(dim=1).values)
+    assert torch.all(quartile.routing_score("0", x) <= median.routing_score("0", x))
+    assert quartile.routing_calibration("0") < median.routing_calibration("0")

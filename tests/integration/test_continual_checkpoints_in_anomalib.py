@@ -161,7 +161,8 @@ def test_anomalib_export_openvino_from_a_continual_checkpoint(
     assert batch.pred_task.tolist() == expected.pred_task.tolist() and set(batch.pred_task.tolist()) == {0, 1}
     assert batch.pred_product == [TASKS[i] for i in expected.pred_task.tolist()]
     assert torch.allclose(torch.from_numpy(batch.pred_score), expected.pred_score, rtol=1e-3, atol=1e-5)
-    assert torch.allclose(torch.from_numpy(batch.anomaly_map), expected.anomaly_map, rtol=1e-3, atol=1e-5)
+    # maps normalised to [0, 1]: OpenVINO's f32 kernels differ from PyTorch's by up to about 3e-5 there
+    assert torch.allclose(torch.from_numpy(batch.anomaly_map), expected.anomaly_map, rtol=1e-3, atol=1e-4)
 
 
 def _format_1_checkpoint(target: Path) -> Path:

@@ -38,6 +38,7 @@ from routing_lib.scores import ROUTERS, UNKNOWN_SCORES, StudyModel, fit_study
 from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_moleflow.continual import TaskStream
+from anomalib_moleflow.continual.metrics import unit_range
 from anomalib_moleflow.models.moleflow import MoLEFlow, MoLEFlowConfig, MoLEFlowModel
 
 HERE = Path(__file__).resolve().parent
@@ -82,8 +83,7 @@ def extract(model: MoLEFlow, stream: TaskStream) -> dict[str, dict[str, torch.Te
 def _auroc(known: torch.Tensor, unknown: torch.Tensor) -> float:
     scores = torch.nan_to_num(torch.cat([known, unknown]).double(), posinf=1e12)
     labels = torch.cat([torch.zeros(len(known)), torch.ones(len(unknown))]).long()
-    scores = (scores - scores.min()) / (scores.max() - scores.min()).clamp_min(1e-12)
-    return float(binary_auroc(scores, labels))
+    return float(binary_auroc(unit_range(scores), labels))
 
 
 @torch.no_grad()

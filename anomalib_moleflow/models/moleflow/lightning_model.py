@@ -281,8 +281,11 @@ class MoLEFlow(AnomalibModule):
         """The stage this epoch trains in (``optim.training_stages``, :mod:`.training_stages`)."""
         key = self.model.active_task
         first = key is None or self.model.task_keys.index(key) == 0
-        max_epochs = (self.trainer.max_epochs or 1) if self._trainer is not None else 1
-        return stage_of_epoch(first, self.current_epoch, max(1, max_epochs), self.config.optim.fast_epochs_ratio)
+        return stage_of_epoch(first, self.current_epoch, self._max_epochs(), self.config.optim.fast_epochs_ratio)
+
+    def _max_epochs(self) -> int:
+        """The trainer's ``max_epochs`` (at least 1; 1 without a trainer)."""
+        return max(1, self.trainer.max_epochs or 1) if self._trainer is not None else 1
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Only the running stage's parameters step (``optim.training_stages``). A step whose
@@ -334,7 +337,7 @@ class MoLEFlow(AnomalibModule):
             params = parameter_groups(self.model, key, optim.lr, optim.slow_lr_ratio)
         optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        max_epochs = max(1, self.trainer.max_epochs or 1) if self._trainer is not None else 1
+        max_epochs = self._max_epochs()
         warmup = int(total * optim.warmup_epochs / max_epochs)
         slow_start: int | None = None  # the step the slow stage starts at
         if optim.training_stages == "base_fast_slow" and self.model.task_keys.index(key) > 0 and max_epochs > 1:

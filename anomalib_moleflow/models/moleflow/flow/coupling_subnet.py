@@ -57,6 +57,8 @@ class MoLEContextSubnet(nn.Module):
                 **kwargs,
             )
 
+        self.spatial_lora = spatial
+        """SC-LoRA linears: they need the patch grid on every forward."""
         self.use_context = flow.use_context
         self.use_cpcf = self.use_context and flow.use_cpcf
         """CPCF: the translation branch sees the context too, and the context is not scaled."""
@@ -156,8 +158,8 @@ class MoLEContextSubnet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``[s, t]`` of shape ``(N, 2 * half)``."""
-        for layer in self.lora_layers():
-            if isinstance(layer, SpatialLoRALinear):
+        if self.spatial_lora:
+            for layer in self.lora_layers():
                 layer.patch_grid = self.grid_size
         s_input = torch.cat([x, self._context(x)], dim=-1) if self.use_context else x
         s = self.s_out(F.relu(self.s_hidden(s_input)))
